@@ -1,0 +1,202 @@
+"""AmpOptimWrapper: OptimWrapper plus autocast and loss scaling, on any backend.
+
+The wrapper asks its Backend for autocast and for the grad scaler, and never looks at the
+device type itself. A scaler is made only where it does something: fp16 with
+``loss_scale="dynamic"``, or any explicit scale. bf16 and fp32 have fp32's exponent range,
+so "dynamic" means no scaler there, and no per-step sync for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from hwoptim.backends.base import dtype_name
+from hwoptim.backends.registry import DeviceSpec, get_backend
+from hwoptim.wrapper import OptimWrapper
+
+LossScale = Union[str, float, int, Mapping[str, Any], None]
+
+_SCALER_ARGS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled")
+_SCALER_STATE_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+_LOSS_SCALE_HELP = (
+    "loss_scale must be of type float (or int) for a fixed scale, dict of GradScaler "
+    "arguments, None (off) or 'dynamic'"
+)
+
+
+def parse_loss_scale(
+    loss_scale: LossScale, dtype: torch.dtype
+) -> tuple[dict[str, Any] | None, float | None]:
+    """(GradScaler kwargs or None for no scaler, the fixed scale or None for dynamic)."""
+    if loss_scale is None:
+        return None, None
+    if isinstance(loss_scale, str):
+        if loss_scale != "dynamic":
+            raise TypeError(f"{_LOSS_SCALE_HELP}, but got {loss_scale!r}")
+        return ({} if dtype == torch.float16 else None), None
+    if isinstance(loss_scale, bool):
+        raise TypeError(f"{_LOSS_SCALE_HELP}, but got {loss_scale!r}")
+    if isinstance(loss_scale, (int, float)):
+        scale = float(loss_scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"a fixed loss_scale must be a positive finite number; got {loss_scale!r}")
+        return {"init_scale": scale}, scale
+    if isinstance(loss_scale, Mapping):
+        unknown = sorted(set(map(str, loss_scale)) - set(_SCALER_ARGS))
+        if unknown:
+            raise ValueError(
+                f"loss_scale dict has unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"GradScaler takes {', '.join(_SCALER_ARGS)}"
+            )
+        kwargs = dict(loss_scale)
+        if kwargs.get("enabled", True) is False:
+            return None, None
+        return kwargs, None
+    raise TypeError(f"{_LOSS_SCALE_HELP}, but got {loss_scale!r}")
+
+
+class AmpOptimWrapper(OptimWrapper):
+    """OptimWrapper with mixed precision: autocast in ``optim_context`` and loss scaling.
+
+    Args:
+        optimizer: the torch optimizer (also accepted by keyword, as mmengine configs pass it).
+        device: "auto", a backend name ("cuda", "npu", "cuda:1"), a torch.device or a Backend.
+        dtype: None (the device's default), "float16", "bfloat16", "float32", "float64" or a
+            torch.dtype. A dtype the device cannot autocast to is a ValueError naming those
+            it can.
+        loss_scale: "dynamic" (a dynamic scaler for fp16, none otherwise), a number (a fixed
+            scale), a dict of GradScaler arguments, or None (no scaling).
+        use_fsdp: use the backend's sharded scaler (FSDP): the same scale and the same
+            skipped steps on every rank.
+        accumulative_counts, clip_grad: as for OptimWrapper. Gradients are unscaled before
+            clipping; a step with inf/nan gradients is skipped and the scale backs off.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer | None = None,
+        device: DeviceSpec = "auto",
+        dtype: str | torch.dtype | None = None,
+        loss_scale: LossScale = "dynamic",
+        use_fsdp: bool = False,
+        accumulative_counts: int = 1,
+        clip_grad: Mapping[str, Any] | None = None,
+    ) -> None:
+        if optimizer is None:
+            raise TypeError("AmpOptimWrapper needs an optimizer, e.g. AmpOptimWrapper(optimizer=opt)")
+        if not isinstance(use_fsdp, bool):
+            raise TypeError(f"use_fsdp must be True or False; got {use_fsdp!r}")
+        backend = get_backend(device)
+        cast_dtype = backend.resolve_dtype(dtype)
+        scaler_kwargs, fixed_scale = parse_loss_scale(loss_scale, cast_dtype)
+        super().__init__(optimizer, accumulative_counts, clip_grad)
+
+        self.backend = backend
+        self.device: torch.device = backend.device()
+        self.cast_dtype: torch.dtype = cast_dtype
+        self._use_fsdp = use_fsdp
+        self.loss_scaler = (
+            None if scaler_kwargs is None else backend.grad_scaler(sharded=use_fsdp, **scaler_kwargs)
+        )
+        self._scale_update_param = fixed_scale
+        self._no_sync = backend.no_sync
+        self._rebuild_clip_fn()  # a scaler changes what a non-finite norm means
+
+    def backward(self, loss: Tensor, **kwargs: Any) -> None:
+        """Backward of the scaled loss (or of the loss itself when no scaler is on)."""
+        scaler = self.loss_scaler
+        super().backward(loss if scaler is None else scaler.scale(loss), **kwargs)
+
+    def step(self, **kwargs: Any) -> None:
+        """Unscale, clip, then step through the scaler, which skips a step with inf/nan
+        gradients, and update the scale."""
+        scaler = self.loss_scaler
+        if scaler is None:
+            super().step(**kwargs)
+            return
+        optimizer = self.optimizer
+        if self._clip_fn is not None:
+            scaler.unscale_(optimizer)
+            self._clip_grads()
+        scaler.step(optimizer, **kwargs)
+        self._count_scaler_skip(scaler)
+        scaler.update(self._scale_update_param)
+
+    @contextlib.contextmanager
+    def optim_context(self, model: Any) -> Iterator[None]:
+        """Gradient-sync skipping (as OptimWrapper) and autocast to ``cast_dtype``."""
+        with super().optim_context(model), self.backend.autocast(self.cast_dtype):
+            yield
+
+    @property
+    def loss_scale(self) -> Tensor | None:
+        """The current loss scale as a device tensor (None without a scaler or before the
+        first step). Reading its value is a host sync: log it every N steps."""
+        get_scale = getattr(self.loss_scaler, "_get_scale_async", None)
+        return None if get_scale is None else get_scale()
+
+    def _count_scaler_skip(self, scaler: Any) -> None:
+        states = getattr(scaler, "_per_optimizer_states", None)
+        if not isinstance(states, dict) or id(self.optimizer) not in states:
+            return
+        found = list(states[id(self.optimizer)].get("found_inf_per_device", {}).values())
+        if not found:
+            return
+        total = found[0]
+        for other in found[1:]:
+            total = total + other.to(total.device, non_blocking=True)
+        self._count_skipped(total)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """OptimWrapper's state dict plus mmengine's "loss_scaler" ({} when no scaler is on)."""
+        state = super().state_dict()
+        state["loss_scaler"] = {} if self.loss_scaler is None else self.loss_scaler.state_dict()
+        return state
+
+    def _check_state_dict(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        plan = super()._check_state_dict(state_dict)
+        saved = state_dict.get("loss_scaler")
+        if saved is None or (isinstance(saved, Mapping) and not saved):
+            return plan  # an fp32/bf16 or plain optimizer checkpoint: keep the current scale
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"state dict entry 'loss_scaler' must be a dict; got {type(saved).__name__}")
+        if self.loss_scaler is None:
+            warnings.warn(
+                "the checkpoint holds a loss scaler state, but this wrapper scales no loss "
+                f"(dtype {dtype_name(self.cast_dtype)}); the saved scale is ignored",
+                UserWarning,
+                stacklevel=3,
+            )
+            return plan
+        missing = [k for k in _SCALER_STATE_KEYS if k not in saved]
+        if missing:
+            raise ValueError(f"state dict entry 'loss_scaler' lacks {', '.join(map(repr, missing))}")
+        plan["loss_scaler"] = dict(saved)
+        return plan
+
+    def _apply_state_dict(self, state_dict: Mapping[str, Any], plan: dict[str, Any]) -> None:
+        super()._apply_state_dict(state_dict, plan)
+        if "loss_scaler" in plan:
+            self.loss_scaler.load_state_dict(plan["loss_scaler"])
+
+    def _repr_extra(self) -> list[str]:
+        if self.loss_scaler is None:
+            scale = "None"
+        elif self._scale_update_param is not None:
+            scale = f"fixed {self._scale_update_param}"
+        else:
+            scale = type(self.loss_scaler).__name__
+        return [
+            f"  device={self.device!s} ({self.backend.name}),",
+            f"  dtype={dtype_name(self.cast_dtype)},",
+            f"  loss_scaler={scale},",
+        ]

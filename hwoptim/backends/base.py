@@ -1,0 +1,295 @@
+"""The Backend interface: everything hwoptim needs from a device, in one small class.
+
+A backend names its device type and says what truly differs there (availability, the
+vendor import, autocast dtypes, the grad scaler). Everything else -- device objects,
+counts, synchronize, seeds, memory -- is derived here from ``device_type`` through the
+device module torch (or the vendor) installs as ``torch.<device_type>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, ClassVar, ContextManager
+
+import torch
+
+#: dtype names accepted wherever hwoptim takes a dtype (mmengine's four, plus short forms).
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'torch.bfloat16' -> 'bfloat16', for messages and reports."""
+    return str(dtype).replace("torch.", "")
+
+
+class Backend:
+    """One kind of device: how to find it, place tensors on it, autocast and scale there.
+
+    Subclasses set the class attributes and override only what differs from the
+    derivation below. Instances are cheap and hold no vendor state; ``index`` is the
+    device ordinal the user asked for (``None``: the current one).
+    """
+
+    #: registry key, e.g. "npu"
+    name: ClassVar[str] = ""
+    #: torch device type string, e.g. "npu"
+    device_type: ClassVar[str] = ""
+    #: order for device="auto": higher first; cpu is always last
+    priority: ClassVar[int] = 0
+    #: collective library for torch.distributed.init_process_group
+    dist_backend: ClassVar[str] = "gloo"
+    #: dtypes autocast accepts here; float32 means "autocast off"
+    supported_amp_dtypes: ClassVar[tuple[torch.dtype, ...]] = (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    )
+    #: the dtype used when the user gives none
+    default_dtype: ClassVar[torch.dtype] = torch.float16
+    #: what a user installs to get this backend, e.g. 'pip install "hwoptim[npu]"'
+    install_hint: ClassVar[str] = ""
+
+    def __init__(self, index: int | None = None) -> None:
+        self.index = index
+        # The torch device type tensors, autocast and scalers use. It equals
+        # device_type except under hwoptim.testing.mock_backend, which runs a
+        # backend's own code while keeping every tensor on the CPU.
+        self._placement = self.device_type
+
+    # -- what a backend usually writes -------------------------------------------------
+
+    def is_available(self) -> bool:
+        """Whether this device can be used now. Never raises; imports vendors lazily."""
+        module = self._module()
+        if module is None:
+            return False
+        try:
+            return bool(module.is_available())
+        except Exception:
+            return False
+
+    def unavailable_reason(self) -> str:
+        """One sentence on why ``is_available()`` is False and what to do about it."""
+        hint = f"; {self.install_hint}" if self.install_hint else ""
+        return f"no {self.name} device is visible to this process{hint}"
+
+    @property
+    def amp_dtypes(self) -> tuple[torch.dtype, ...]:
+        """The dtypes ``autocast`` accepts on this device (float32 = autocast off)."""
+        return self.supported_amp_dtypes
+
+    @property
+    def default_amp_dtype(self) -> torch.dtype:
+        """The autocast dtype used when the user gives none."""
+        return self.default_dtype
+
+    # -- derived from device_type ------------------------------------------------------
+
+    def _module(self) -> Any:
+        """The device module (torch.cuda, torch.xpu, torch.npu, ...) or None."""
+        return getattr(torch, self.device_type, None)
+
+    def device(self, index: int | None = None) -> torch.device:
+        """The torch.device tensors should go to (the current one when no index is known)."""
+        if self._placement == "cpu":
+            return torch.device("cpu")
+        index = self.index if index is None else index
+        if index is None:
+            index = self.current_device()
+        return torch.device(self._placement, index)
+
+    def device_count(self) -> int:
+        """How many devices of this kind the process sees (0 when unavailable)."""
+        if not self.is_available():
+            return 0
+        return int(self._module().device_count())
+
+    def current_device(self) -> int:
+        """The ordinal of the current device."""
+        return int(self._module().current_device())
+
+    def set_device(self, index: int) -> None:
+        """Make ``index`` the current device (what torchrun's LOCAL_RANK usually picks)."""
+        self._module().set_device(index)
+
+    def synchronize(self) -> None:
+        """Wait for all queued work on the device; for timing, never in a training step."""
+        self._module().synchronize()
+
+    def manual_seed(self, seed: int) -> None:
+        """Seed the device's generators (all devices of this kind)."""
+        module = self._module()
+        seed_all = getattr(module, "manual_seed_all", None)
+        if seed_all is not None:
+            seed_all(seed)
+        else:
+            module.manual_seed(seed)
+
+    def memory_stats(self) -> dict[str, Any]:
+        """The device allocator's statistics; empty where the device reports none."""
+        stats = getattr(self._module(), "memory_stats", None)
+        if stats is None or not self.is_available():
+            return {}
+        try:
+            return dict(stats(self.device()))
+        except Exception:
+            return {}
+
+    def device_name(self, index: int = 0) -> str:
+        """A human-readable name of device ``index`` for reports."""
+        get_name = getattr(self._module(), "get_device_name", None)
+        if get_name is None:
+            return self.device_type
+        try:
+            return str(get_name(index))
+        except Exception:
+            return self.device_type
+
+    def vendor_versions(self) -> dict[str, str]:
+        """Versions of the vendor packages this backend uses, for `python -m hwoptim env`."""
+        return {}
+
+    # -- precision ---------------------------------------------------------------------
+
+    def resolve_dtype(self, dtype: str | torch.dtype | None) -> torch.dtype:
+        """Turn a user's dtype (None, a name or a torch.dtype) into one autocast can use here.
+
+        Raises ValueError naming the dtypes this device supports.
+        """
+        if dtype is None:
+            return self.default_amp_dtype
+        if isinstance(dtype, str):
+            resolved = DTYPE_NAMES.get(dtype.lower())
+            if resolved is None:
+                raise ValueError(
+                    f"dtype {dtype!r} is not a known dtype name; use one of "
+                    "'float16', 'bfloat16', 'float32', 'float64' (or a torch.dtype)"
+                )
+        elif isinstance(dtype, torch.dtype):
+            resolved = dtype
+        else:
+            raise TypeError(
+                f"dtype must be None, a dtype name or a torch.dtype; got {type(dtype).__name__}"
+            )
+        supported = self.amp_dtypes
+        if resolved not in supported:
+            names = ", ".join(repr(dtype_name(d)) for d in supported)
+            raise ValueError(
+                f"the {self.name!r} backend cannot autocast to {dtype_name(resolved)}; "
+                f"it supports {names}"
+            )
+        return resolved
+
+    def autocast(
+        self,
+        dtype: torch.dtype | None = None,
+        enabled: bool = True,
+        cache_enabled: bool | None = None,
+    ) -> ContextManager[Any]:
+        """Autocast on this device. float32 means full precision: autocast is switched off.
+
+        ``dtype`` is expected to come from ``resolve_dtype`` (validated once, at construction).
+        """
+        if dtype is None:
+            dtype = self.default_amp_dtype
+        if dtype == torch.float32:
+            enabled = False
+        return torch.autocast(
+            self._placement, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled
+        )
+
+    def grad_scaler(self, sharded: bool = False, **kwargs: Any) -> torch.amp.GradScaler:
+        """A loss scaler with the torch.amp.GradScaler API.
+
+        ``sharded=True`` gives the scaler FSDP needs: it all-reduces the inf check so that
+        every rank skips the same steps and keeps the same scale.
+        """
+        if sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(device=self._placement, **kwargs)
+        return torch.amp.GradScaler(self._placement, **kwargs)
+
+    # -- distributed -------------------------------------------------------------------
+
+    def no_sync(self, model: Any) -> ContextManager[None]:
+        """Skip the gradient collective of a micro-batch that does not update.
+
+        While the returned context is entered, the backward pass of ``model`` does not
+        communicate. The wrapper enters it before the forward and leaves it only after the
+        backward, because FSDP reads its flag during backward.
+        """
+        return skip_gradient_sync(model)
+
+    # -- reports -----------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """The facts `python -m hwoptim env` prints about this backend."""
+        available = self.is_available()
+        facts: dict[str, Any] = {
+            "name": self.name,
+            "device_type": self.device_type,
+            "available": available,
+            "reason": None if available else self.unavailable_reason(),
+            "device_count": self.device_count() if available else 0,
+            "devices": [],
+            "amp_dtypes": [dtype_name(d) for d in self.amp_dtypes],
+            "default_dtype": dtype_name(self.default_amp_dtype),
+            "dist_backend": self.dist_backend,
+            "priority": self.priority,
+            "versions": {},
+        }
+        if available:
+            facts["devices"] = [self.device_name(i) for i in range(facts["device_count"])]
+            try:
+                facts["versions"] = self.vendor_versions()
+            except Exception as exc:  # a report must never fail
+                facts["versions"] = {"error": repr(exc)}
+        return facts
+
+    def __repr__(self) -> str:
+        index = "" if self.index is None else f", index={self.index}"
+        return f"{type(self).__name__}(name={self.name!r}{index})"
+
+
+def unwrap_compiled(model: Any) -> Any:
+    """The module inside a torch.compile wrapper (OptimizedModule keeps it as _orig_mod)."""
+    return getattr(model, "_orig_mod", model)
+
+
+@contextlib.contextmanager
+def skip_gradient_sync(model: Any) -> Iterator[None]:
+    """The device-independent way to skip gradient synchronisation of ``model``.
+
+    FSDP2 modules get ``set_requires_gradient_sync(False)`` and back to True on exit;
+    DDP and FSDP1 (and anything else with ``no_sync()``) get their ``no_sync()``;
+    a plain module needs nothing.
+    """
+    module = unwrap_compiled(model)
+    set_sync = getattr(module, "set_requires_gradient_sync", None)
+    if set_sync is not None:
+        set_sync(False)
+        try:
+            yield
+        finally:
+            set_sync(True)
+        return
+    no_sync = getattr(module, "no_sync", None)
+    if no_sync is None:
+        yield
+        return
+    with no_sync():
+        yield

@@ -1,0 +1,301 @@
+"""The named set of backends, how "auto" picks one, and how plugins join.
+
+Built-ins are registered on first use; third-party packages add theirs through the
+entry-point group ``hwoptim.backends``, loaded lazily on the first lookup. A plugin that
+fails to load is reported by name in a warning and never breaks the others.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from typing import Any, Union
+
+import torch
+
+from hwoptim.backends.base import Backend
+
+ENTRY_POINT_GROUP = "hwoptim.backends"
+ENV_VAR = "HWOPTIM_DEVICE"
+
+DeviceSpec = Union[str, torch.device, Backend, None]
+
+_lock = threading.RLock()
+_registry: dict[str, type[Backend]] = {}
+#: where each registered backend came from: "built-in", a distribution name, or "user"
+_origins: dict[str, str] = {}
+_builtins_loaded = False
+_plugins_loaded = False
+#: entry points that failed to load: (entry point name, error text)
+_plugin_errors: list[tuple[str, str]] = []
+#: set by hwoptim.testing.mock_backend: the backend name "auto" must return (a stack)
+_auto_override: list[str] = []
+#: set by hwoptim.testing.mock_backend: backends whose tensors stay on the CPU
+_mocked: set[str] = set()
+
+
+def register_backend(
+    cls: type[Backend], *, override: bool = False, origin: str = "user"
+) -> type[Backend]:
+    """Add a Backend subclass under its ``name``. Usable as a class decorator.
+
+    A name that is already registered is a ValueError unless ``override=True``, which
+    replaces the existing backend on purpose (for example a tuned cuda backend).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"register_backend takes a Backend subclass; got {cls!r}")
+    if not cls.name or not cls.device_type:
+        raise ValueError(f"{cls.__name__} must set both 'name' and 'device_type'")
+    with _lock:
+        _ensure_builtins()
+        existing = _registry.get(cls.name)
+        if existing is not None and existing is not cls and not override:
+            raise ValueError(
+                f"a backend named {cls.name!r} is already registered "
+                f"({existing.__module__}.{existing.__qualname__}, from {_origins[cls.name]}); "
+                "pass override=True to replace it"
+            )
+        _registry[cls.name] = cls
+        _origins[cls.name] = origin
+    return cls
+
+
+def unregister_backend(name: str) -> type[Backend]:
+    """Remove a backend by name and return it (built-ins come back with ``override``)."""
+    with _lock:
+        _ensure_builtins()
+        if name not in _registry:
+            raise ValueError(f"no backend named {name!r}; registered: {_names()}")
+        _origins.pop(name, None)
+        return _registry.pop(name)
+
+
+def list_backends() -> dict[str, type[Backend]]:
+    """Every registered backend by name, built-in and plugin, highest priority first."""
+    with _lock:
+        _ensure_loaded()
+        ordered = sorted(_registry.values(), key=lambda c: -c.priority)
+        return {c.name: c for c in ordered}
+
+
+def backend_origin(name: str) -> str:
+    """Where backend ``name`` came from: "built-in", the plugin's distribution, or "user"."""
+    with _lock:
+        _ensure_loaded()
+        return _origins.get(name, "unknown")
+
+
+def plugin_errors() -> list[tuple[str, str]]:
+    """Entry points of the ``hwoptim.backends`` group that failed to load, with the error."""
+    with _lock:
+        _ensure_loaded()
+        return list(_plugin_errors)
+
+
+def get_backend(spec: DeviceSpec = "auto") -> Backend:
+    """The backend for ``spec``: "auto", a name ("npu"), "cuda:1", a torch.device or a Backend.
+
+    "auto" takes $HWOPTIM_DEVICE if set; else the backend of torch's current accelerator;
+    else the available backend of highest priority; else cpu. An unknown name is a
+    ValueError listing the registered ones; a known but unavailable one is a RuntimeError
+    saying what is missing.
+    """
+    if isinstance(spec, Backend):
+        return spec
+    if spec is None:
+        spec = "auto"
+    if isinstance(spec, torch.device):
+        return _resolve(spec.type, spec.index)
+    if not isinstance(spec, str):
+        raise TypeError(
+            "device must be 'auto', a backend name such as 'cuda' or 'cuda:1', "
+            f"a torch.device or a Backend; got {type(spec).__name__}"
+        )
+    text = spec.strip()
+    if text.lower() == "auto":
+        return _auto()
+    name, index = _parse(text)
+    return _resolve(name, index)
+
+
+# -- internals -----------------------------------------------------------------------
+
+
+def _parse(text: str) -> tuple[str, int | None]:
+    name, sep, idx = text.partition(":")
+    if not name:
+        raise ValueError(f"device {text!r} has no backend name before ':'")
+    if not sep:
+        return name.lower(), None
+    if not idx.isdigit():
+        raise ValueError(f"device {text!r}: the index after ':' must be a non-negative integer")
+    return name.lower(), int(idx)
+
+
+def _resolve(name: str, index: int | None) -> Backend:
+    with _lock:
+        _ensure_loaded()
+        cls = _registry.get(name) or _by_device_type(name)
+    if cls is None:
+        generic = _generic_for(name)
+        if generic is None:
+            raise ValueError(f"unknown device {name!r}; registered backends: {_names()}")
+        backend = generic(index)
+    else:
+        backend = cls(index)
+    _apply_mock(backend)
+    if not backend.is_available():
+        raise RuntimeError(
+            f"the {backend.name!r} backend is not available: {backend.unavailable_reason()}"
+        )
+    if index is not None:
+        count = backend.device_count()
+        if index >= count:
+            raise ValueError(
+                f"device {name}:{index} does not exist; this process sees {count} "
+                f"{backend.name} device(s), indices 0..{count - 1}"
+            )
+    return backend
+
+
+def _auto() -> Backend:
+    with _lock:
+        override = _auto_override[-1] if _auto_override else None
+    if override is not None:
+        return _resolve(override, None)
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env and env.lower() != "auto":
+        try:
+            return get_backend(env)
+        except (ValueError, RuntimeError) as exc:
+            raise type(exc)(f"{ENV_VAR}={env!r}: {exc}") from exc
+    accelerator = _current_accelerator()
+    if accelerator is not None:
+        with _lock:
+            _ensure_loaded()
+            cls = _by_device_type(accelerator)
+        if cls is not None:
+            backend: Backend | None = cls()
+        else:
+            generic = _generic_for(accelerator)
+            backend = generic() if generic is not None else None
+        if backend is not None:
+            _apply_mock(backend)
+            if backend.is_available():
+                return backend
+    for cls in list_backends().values():
+        if cls.name == "cpu":
+            continue
+        backend = cls()
+        _apply_mock(backend)
+        if backend.is_available():
+            return backend
+    return _resolve("cpu", None)
+
+
+def _current_accelerator() -> str | None:
+    accelerator_mod = getattr(torch, "accelerator", None)
+    if accelerator_mod is None:
+        return None
+    try:
+        device = accelerator_mod.current_accelerator()
+    except Exception:
+        return None
+    return None if device is None else str(device.type)
+
+
+def _by_device_type(device_type: str) -> type[Backend] | None:
+    """The registered backend of highest priority that claims ``device_type``."""
+    claimants = [c for c in _registry.values() if c.device_type == device_type]
+    return max(claimants, key=lambda c: c.priority) if claimants else None
+
+
+def _generic_for(device_type: str) -> Any:
+    """A backend class for a device torch knows but no backend claims, or None."""
+    try:
+        from hwoptim.backends.generic import generic_backend_for
+    except ImportError:
+        return None
+    return generic_backend_for(device_type)
+
+
+def _apply_mock(backend: Backend) -> None:
+    """Let hwoptim.testing.mock_backend keep a mocked backend's tensors on the CPU."""
+    if backend.name in _mocked:
+        backend._placement = "cpu"
+
+
+def _names() -> str:
+    return ", ".join(repr(n) for n in sorted(_registry)) or "(none)"
+
+
+def _ensure_loaded() -> None:
+    _ensure_builtins()
+    _ensure_plugins()
+
+
+def _ensure_builtins() -> None:
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    from hwoptim.backends.cpu import CpuBackend
+    from hwoptim.backends.cuda import CudaBackend
+
+    builtins: list[type[Backend]] = [CpuBackend, CudaBackend]
+    try:
+        from hwoptim.backends import mps, npu, xpu
+
+        builtins += [mps.MpsBackend, xpu.XpuBackend, npu.NpuBackend]
+    except ImportError:
+        pass
+    for cls in builtins:
+        _registry.setdefault(cls.name, cls)
+        _origins.setdefault(cls.name, "built-in")
+
+
+def _ensure_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    try:
+        eps = list(entry_points(group=ENTRY_POINT_GROUP))
+    except TypeError:  # Python 3.9's entry_points() takes no group
+        eps = list(entry_points().get(ENTRY_POINT_GROUP, []))  # type: ignore[attr-defined]
+    for ep in eps:
+        dist = getattr(ep, "dist", None)
+        origin = f"{dist.name} {dist.version}" if dist is not None else ep.value
+        try:
+            loaded = ep.load()
+            classes = loaded() if callable(loaded) and not isinstance(loaded, type) else loaded
+            if isinstance(classes, type):
+                classes = [classes]
+            for cls in classes:
+                if _registry.get(getattr(cls, "name", None) or "") is cls:
+                    _origins[cls.name] = origin  # the plugin registered itself on import
+                    continue
+                register_backend(cls, override=bool(getattr(cls, "override", False)), origin=origin)
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            _plugin_errors.append((ep.name, message))
+            warnings.warn(
+                f"hwoptim backend plugin {ep.name!r} ({origin}) failed to load and is "
+                f"skipped: {message}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+def _reset_for_tests() -> None:
+    """Forget plugins and registrations so the next lookup loads everything again."""
+    global _builtins_loaded, _plugins_loaded
+    with _lock:
+        _registry.clear()
+        _origins.clear()
+        _plugin_errors.clear()
+        _builtins_loaded = False
+        _plugins_loaded = False

@@ -1,0 +1,183 @@
+"""Gradient clipping from mmengine's ``clip_grad`` dict, validated once and never mutated.
+
+``dict(max_norm=1.0)`` or ``dict(type="norm", max_norm=1.0, norm_type=2)`` clips by the
+total norm; ``dict(type="value", clip_value=0.5)`` clamps each gradient element. Either way
+the clip function returns the total gradient norm *before* clipping, as a tensor, so the
+caller can log it when it wants without a host-device sync on every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from hwoptim.backends.base import unwrap_compiled
+
+ClipFn = Callable[[Sequence[Tensor]], Tensor]
+
+_ALLOWED = {
+    "norm": {"type", "max_norm", "norm_type", "error_if_nonfinite", "foreach"},
+    "value": {"type", "clip_value", "foreach"},
+}
+_REQUIRED = {"norm": "max_norm", "value": "clip_value"}
+
+
+def _number(kind: str, key: str, value: Any, *, allow_inf: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"clip_grad {kind!r}: {key} must be a number; got {value!r}")
+    number = float(value)
+    if math.isnan(number) or number <= 0 or (math.isinf(number) and not allow_inf):
+        bound = "a positive number (or inf)" if allow_inf else "a positive finite number"
+        raise ValueError(f"clip_grad {kind!r}: {key} must be {bound}; got {value!r}")
+    return number
+
+
+def _flag(kind: str, key: str, value: Any, *, allow_none: bool = False) -> bool | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise ValueError(f"clip_grad {kind!r}: {key} must be {allowed}; got {value!r}")
+    return value
+
+
+class ClipGrad:
+    """A validated clipping configuration.
+
+    ``kind`` is "norm" or "value"; ``kwargs`` is the mmengine view of the config (the dict
+    without "type", as mmengine's ``clip_grad_kwargs``), a fresh copy each time it is read.
+    """
+
+    __slots__ = ("clip_value", "error_if_nonfinite", "foreach", "kind", "max_norm", "norm_type")
+
+    def __init__(self, clip_grad: Mapping[str, Any]) -> None:
+        if not isinstance(clip_grad, Mapping):
+            raise TypeError(
+                "clip_grad must be a dict such as dict(max_norm=1.0) or "
+                f"dict(type='value', clip_value=0.5); got {type(clip_grad).__name__}"
+            )
+        kind = clip_grad.get("type", "norm")
+        if kind not in _ALLOWED:
+            raise ValueError(f"clip_grad type {kind!r} is not one of 'norm', 'value'")
+        unknown = sorted(set(clip_grad) - _ALLOWED[kind])
+        if unknown:
+            allowed = ", ".join(sorted(_ALLOWED[kind] - {"type"}))
+            raise ValueError(
+                f"clip_grad type {kind!r} does not take {', '.join(map(repr, unknown))}; "
+                f"it takes {allowed}"
+            )
+        required = _REQUIRED[kind]
+        if required not in clip_grad:
+            raise ValueError(f"clip_grad type {kind!r} needs {required!r}, e.g. {required}=1.0")
+        self.kind: str = kind
+        self.max_norm = 0.0
+        self.norm_type = 2.0
+        self.error_if_nonfinite = False
+        self.clip_value = 0.0
+        self.foreach: bool | None = _flag(
+            kind, "foreach", clip_grad.get("foreach"), allow_none=True
+        )
+        if kind == "norm":
+            self.max_norm = _number(kind, "max_norm", clip_grad["max_norm"])
+            norm_type = clip_grad.get("norm_type", 2.0)
+            if isinstance(norm_type, str) and norm_type.lower() == "inf":
+                norm_type = math.inf
+            self.norm_type = _number(kind, "norm_type", norm_type, allow_inf=True)
+            self.error_if_nonfinite = bool(
+                _flag(kind, "error_if_nonfinite", clip_grad.get("error_if_nonfinite", False))
+            )
+        else:
+            self.clip_value = _number(kind, "clip_value", clip_grad["clip_value"])
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the torch clip function, like mmengine's clip_grad_kwargs."""
+        if self.kind == "norm":
+            out: dict[str, Any] = {"max_norm": self.max_norm, "norm_type": self.norm_type}
+            if self.error_if_nonfinite:
+                out["error_if_nonfinite"] = True
+        else:
+            out = {"clip_value": self.clip_value}
+        if self.foreach is not None:
+            out["foreach"] = self.foreach
+        return out
+
+    def clip_fn(self, model: Any = None, *, scaled: bool = False) -> ClipFn:
+        """The function ``step`` calls: clips the gradients of ``params``, returns the norm.
+
+        Decided once per model: an FSDP1 module clips through its own ``clip_grad_norm_``
+        (the norm over all shards, not this rank's); everything else, FSDP2's DTensor
+        gradients included, through torch.nn.utils. ``scaled``: a loss scaler is on, so a
+        non-finite norm is an overflow the scaler skips, never an error.
+        """
+        error = self.error_if_nonfinite and not scaled
+        if self.kind == "value":
+            return self._value_fn()
+        owner = unwrap_compiled(model) if model is not None else None
+        module_clip = getattr(owner, "clip_grad_norm_", None)
+        if callable(module_clip):
+            return self._module_norm_fn(module_clip, error)
+        max_norm, norm_type, foreach = self.max_norm, self.norm_type, self.foreach
+        clip = torch.nn.utils.clip_grad_norm_
+
+        def clip_norm(params: Sequence[Tensor]) -> Tensor:
+            return clip(params, max_norm, norm_type, error, foreach)
+
+        return clip_norm
+
+    def _module_norm_fn(self, module_clip: Callable[..., Tensor], error: bool) -> ClipFn:
+        max_norm, norm_type = self.max_norm, self.norm_type
+
+        def clip_module(params: Sequence[Tensor]) -> Tensor:
+            norm = module_clip(max_norm, norm_type)
+            if error and not bool(torch.isfinite(norm)):  # opted in: this sync is the point
+                raise RuntimeError(
+                    f"the total gradient norm is {norm}, so it cannot be clipped "
+                    "(clip_grad error_if_nonfinite=True)"
+                )
+            return norm
+
+        return clip_module
+
+    def _value_fn(self) -> ClipFn:
+        clip_value, foreach = self.clip_value, self.foreach
+        total_norm = _total_norm_fn()
+
+        def clip_value_(params: Sequence[Tensor]) -> Tensor:
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = total_norm(grads, foreach)
+            if grads:
+                torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
+            return norm
+
+        return clip_value_
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"dict(type={self.kind!r}, {args})"
+
+
+def _total_norm_fn() -> Callable[[list[Tensor], bool | None], Tensor]:
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        return lambda grads, foreach: get_total_norm(grads, 2.0, False, foreach)
+
+    def fallback(grads: list[Tensor], foreach: bool | None) -> Tensor:  # torch < 2.6
+        if not grads:
+            return torch.tensor(0.0)
+        norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]
+        device = grads[0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
+
+    return fallback
+
+
+def parse_clip_grad(clip_grad: Mapping[str, Any] | None) -> ClipGrad | None:
+    """None stays None (no clipping); a dict becomes a validated ClipGrad."""
+    if clip_grad is None:
+        return None
+    return ClipGrad(clip_grad)

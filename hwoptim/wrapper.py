@@ -1,0 +1,488 @@
+"""OptimWrapper: gradient accumulation, clipping and gradient-sync skipping around an optimizer.
+
+The public surface and the counter arithmetic are mmengine's, so code and configs written
+for mmengine's OptimWrapper move over unchanged. The state is small and explicit: the
+accumulation counters (``_inner_count``, ``_max_counts``, ``_remainder_counts``), the model
+the wrapper learned from ``optim_context``/``initialize_count_status``, and a pending
+no-sync context. Everything that can be decided at construction is; ``update_params``
+does no parsing, builds nothing it could have built once, and never reads a device tensor
+back to the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import Tensor
+
+from hwoptim.backends.base import skip_gradient_sync
+from hwoptim.clip import ClipFn, ClipGrad, parse_clip_grad
+
+#: the key state_dict() adds next to the optimizer's own keys
+STATE_KEY = "hwoptim"
+#: keys that belong to a wrapper checkpoint but not to the optimizer's state dict
+_WRAPPER_KEYS = frozenset({STATE_KEY, "loss_scaler", "base_param_settings"})
+_EMPTY: Mapping[str, Any] = {}
+
+
+def check_accumulative_counts(value: Any) -> int:
+    """accumulative_counts must be an int >= 1 (bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"accumulative_counts must be an int >= 1; got {value!r}")
+    return value
+
+
+def _takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether optimizer.step() skips itself when given a ``found_inf`` tensor attribute.
+
+    Fused torch optimizers (Adam, AdamW, SGD, Adagrad with fused=True) do: they read
+    ``optimizer.found_inf`` on the device, so a non-finite step is skipped with no host
+    sync. Optimizers on the older protocol (a ``grad_scaler`` argument) do not.
+    """
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    try:
+        return "grad_scaler" not in inspect.signature(optimizer.step).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _found_inf(norm: Tensor) -> Tensor:
+    """1.0 where ``norm`` is inf or nan, else 0.0, as a float32 tensor on norm's device."""
+    found = (norm * 0.0).nan_to_num_(nan=1.0)  # inf*0 and nan*0 are nan; finite*0 is 0
+    return found if found.dtype == torch.float32 else found.float()
+
+
+def _has_batch_norm(model: Any) -> bool:
+    if not isinstance(model, torch.nn.Module):
+        return False
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+class OptimWrapper:
+    """An optimizer with gradient accumulation, clipping and sync skipping, mmengine-compatible.
+
+    Args:
+        optimizer: the torch optimizer to drive.
+        accumulative_counts: micro-batches per optimizer update (an int >= 1). The loss of
+            each micro-batch is divided by the window length, so the accumulated gradient
+            is the mean, as mmengine does.
+        clip_grad: None, ``dict(max_norm=..., norm_type=2)`` (type "norm", the default) or
+            ``dict(type="value", clip_value=...)``. Validated here; the dict is never changed.
+
+    Example::
+
+        wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1),
+                               accumulative_counts=4, clip_grad=dict(max_norm=1.0))
+        wrapper.initialize_count_status(model, 0, len(loader))
+        for x, y in loader:
+            with wrapper.optim_context(model):
+                loss = loss_fn(model(x), y)
+            wrapper.update_params(loss)
+    """
+
+    #: the loss scaler; only AmpOptimWrapper ever sets one
+    loss_scaler: Any = None
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        accumulative_counts: int = 1,
+        clip_grad: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "optimizer must be a torch.optim.Optimizer (build one first, or use "
+                f"hwoptim.build_optim_wrapper with a config); got {type(optimizer).__name__}"
+            )
+        check_accumulative_counts(accumulative_counts)
+        clip = parse_clip_grad(clip_grad)
+
+        self.optimizer = optimizer
+        self._accumulative_counts = accumulative_counts
+        self._clip: ClipGrad | None = clip
+        #: mmengine's view of the clip config: the keyword arguments, without "type"
+        self.clip_grad_kwargs: dict[str, Any] | None = None if clip is None else clip.kwargs
+        self._inner_count = 0
+        self._max_counts = -1
+        self._remainder_counts = -1
+        self._warned_unknown_end = False
+
+        #: the total gradient norm before the last clipping, as a tensor (None until then)
+        self.last_grad_norm: Tensor | None = None
+        self._skipped: Tensor | None = None
+        self._takes_found_inf = _takes_found_inf(optimizer)
+
+        self._model: Any = None
+        self._pending_no_sync: ContextManager[Any] | None = None
+        self._no_sync: Callable[[Any], ContextManager[Any]] = skip_gradient_sync
+        self._clip_fn: ClipFn | None = None
+        self._params: list[Tensor] = []
+        self._n_groups = -1
+        self._rebuild_clip_fn()
+
+    # -- the training step ---------------------------------------------------------------
+
+    def update_params(
+        self,
+        loss: Tensor,
+        step_kwargs: dict[str, Any] | None = None,
+        zero_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """Scale the loss for accumulation, backward, and on the last micro-batch of a
+        window: clip, step and zero the gradients."""
+        loss = self.scale_loss(loss)
+        self.backward(loss)
+        if self.should_update():
+            self.step(**(step_kwargs or _EMPTY))
+            self.zero_grad(**(zero_kwargs or _EMPTY))
+
+    def backward(self, loss: Tensor, **kwargs: Any) -> None:
+        """``loss.backward(**kwargs)`` and count the micro-batch.
+
+        A gradient-sync skip entered by ``optim_context`` ends here, after the backward,
+        so FSDP (which reads its flag during backward) skips the collective too.
+        """
+        loss.backward(**kwargs)
+        self._inner_count += 1
+        if self._pending_no_sync is not None:
+            self._release_no_sync()
+
+    def step(self, **kwargs: Any) -> None:
+        """Clip (when configured) and step the optimizer.
+
+        With clipping, a step whose gradient norm is inf or nan never puts a non-finite
+        value into the parameters, and needs no host sync to ensure it: a fused optimizer
+        skips the step on the device; any other one steps with zeroed gradients.
+        ``skipped_steps`` counts these steps.
+        """
+        if self._clip_fn is None:
+            self.optimizer.step(**kwargs)
+            return
+        norm = self._clip_grads()
+        found_inf = _found_inf(norm)
+        self._count_skipped(found_inf)
+        optimizer = self.optimizer
+        if self._takes_found_inf:
+            optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+            try:
+                optimizer.step(**kwargs)
+            finally:
+                del optimizer.found_inf  # type: ignore[attr-defined]
+            return
+        # After clipping by an inf/nan norm every finite gradient is already 0 (clip
+        # coefficient 0); zero the nan ones too, so the step cannot poison parameters.
+        for param in self._params:
+            grad = param.grad
+            if grad is not None:
+                grad.nan_to_num_(0.0, 0.0, 0.0)
+        optimizer.step(**kwargs)
+
+    def zero_grad(self, **kwargs: Any) -> None:
+        """``optimizer.zero_grad(**kwargs)``."""
+        self.optimizer.zero_grad(**kwargs)
+
+    @contextlib.contextmanager
+    def optim_context(self, model: Any) -> Iterator[None]:
+        """Run the forward of ``model`` in here; it skips the gradient sync while accumulating.
+
+        On a micro-batch that will not update, the model's gradient synchronisation (DDP and
+        FSDP ``no_sync()``, FSDP2 ``set_requires_gradient_sync(False)``) is switched off on
+        entry and stays off until the backward of that micro-batch has run, whether
+        ``update_params`` is called inside this block or after it (mmengine's pattern).
+        """
+        self._enter_micro_batch(model)
+        try:
+            yield
+        except BaseException:
+            self._release_no_sync()
+            raise
+
+    # -- accumulation counters (mmengine's arithmetic) -------------------------------------
+
+    def initialize_count_status(
+        self, model: Any, init_counts: int, max_counts: int | None
+    ) -> None:
+        """Tell the wrapper where training resumes and where it ends.
+
+        ``max_counts`` (usually ``len(loader) * epochs``) lets the last, shorter window step
+        with the right loss factor; ``None`` means the end is unknown. Warns on a resume
+        inside a window (its earlier micro-batches are lost) and on BatchNorm with
+        accumulation (batch statistics see micro-batches, not the whole window).
+        """
+        if isinstance(init_counts, bool) or not isinstance(init_counts, int) or init_counts < 0:
+            raise ValueError(f"init_counts must be an int >= 0; got {init_counts!r}")
+        if max_counts is not None and (
+            isinstance(max_counts, bool) or not isinstance(max_counts, int) or max_counts < 0
+        ):
+            raise ValueError(f"max_counts must be an int >= 0 or None; got {max_counts!r}")
+        if max_counts is not None and init_counts > max_counts:
+            raise ValueError(
+                f"init_counts ({init_counts}) is past max_counts ({max_counts}); "
+                "pass the iteration training resumes at and the total number of iterations"
+            )
+        if model is not None:
+            self._bind_model(model)
+        acc = self._accumulative_counts
+        if acc > 1 and init_counts % acc != 0:
+            warnings.warn(
+                f"Resumed iteration number {init_counts} is not divisible by "
+                f"accumulative_counts={acc}: the first window after resuming misses "
+                f"{init_counts % acc} micro-batch(es) whose gradients were not saved",
+                UserWarning,
+                stacklevel=2,
+            )
+        if acc > 1 and _has_batch_norm(model):
+            warnings.warn(
+                "Gradient accumulative may slightly decrease performance because the model "
+                "has BatchNorm layers: their statistics see each micro-batch, not the window",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._inner_count = init_counts
+        if max_counts is None:
+            self._max_counts = self._remainder_counts = -1
+            self._warned_unknown_end = True  # the caller said so on purpose
+        else:
+            self._max_counts = max_counts
+            self._remainder_counts = max_counts % acc
+
+    def should_update(self) -> bool:
+        """Whether the micro-batch just backpropagated ends a window (checked after backward)."""
+        return (
+            self._inner_count % self._accumulative_counts == 0
+            or self._inner_count == self._max_counts
+        )
+
+    def should_sync(self) -> bool:
+        """Whether the coming micro-batch ends a window, so its gradients must be synced."""
+        following = self._inner_count + 1
+        return following % self._accumulative_counts == 0 or following == self._max_counts
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """Divide the loss by the length of its accumulation window.
+
+        Windows hold ``accumulative_counts`` micro-batches, except the last one before
+        ``max_counts``, which holds the remainder. Past ``max_counts`` windows are full again
+        (mmengine divides by zero there).
+        """
+        acc = self._accumulative_counts
+        if acc == 1:
+            return loss
+        return loss / self._loss_factor(acc)
+
+    def _loss_factor(self, acc: int) -> int:
+        max_counts = self._max_counts
+        if max_counts == -1:
+            if not self._warned_unknown_end:
+                self._warned_unknown_end = True
+                warnings.warn(
+                    f"accumulating gradients over {acc} micro-batches without "
+                    "initialize_count_status(model, init_counts, max_counts): the last, "
+                    "partial window of training will not step; call it with the total "
+                    "number of iterations (or max_counts=None to say the end is unknown)",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            return acc
+        inner = self._inner_count
+        if inner >= max_counts or inner < max_counts - self._remainder_counts:
+            return acc
+        return self._remainder_counts
+
+    @property
+    def inner_count(self) -> int:
+        """Micro-batches backpropagated so far (resumed runs start at init_counts)."""
+        return self._inner_count
+
+    # -- observability without host syncs ----------------------------------------------------
+
+    @property
+    def skipped_steps(self) -> Tensor | None:
+        """How many updates had a non-finite gradient and were skipped, as a device tensor.
+
+        None until a step has been checked (checks happen when clipping or loss scaling is
+        on). Read it every N steps for logging; reading it is a host sync.
+        """
+        return self._skipped
+
+    def _count_skipped(self, found_inf: Tensor) -> None:
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.float32, device=found_inf.device)
+        self._skipped.add_(found_inf)
+
+    # -- optimizer views ---------------------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's own parameter groups (no fake "base" group, unlike mmengine)."""
+        return self.optimizer.param_groups
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The optimizer's defaults."""
+        return self.optimizer.defaults
+
+    def get_lr(self) -> dict[str, list[float]]:
+        """``{"lr": [lr of each parameter group]}``."""
+        return {"lr": [group["lr"] for group in self.optimizer.param_groups]}
+
+    def get_momentum(self) -> dict[str, list[float]]:
+        """``{"momentum": [...]}``: each group's momentum, else betas[0] (Adam-style), else 0."""
+        momentum = []
+        for group in self.optimizer.param_groups:
+            if "momentum" in group:
+                momentum.append(group["momentum"])
+            elif "betas" in group:
+                momentum.append(group["betas"][0])
+            else:
+                momentum.append(0)
+        return {"momentum": momentum}
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state dict plus ``"hwoptim"``: the counters, for an exact resume."""
+        state = self.optimizer.state_dict()
+        state[STATE_KEY] = {
+            "inner_count": self._inner_count,
+            "max_counts": self._max_counts,
+            "accumulative_counts": self._accumulative_counts,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict from hwoptim or mmengine (or a bare optimizer state dict).
+
+        The argument is never modified. Everything is checked first: on a mismatch this
+        raises before any state has changed.
+        """
+        plan = self._check_state_dict(state_dict)
+        self._apply_state_dict(state_dict, plan)
+
+    def _check_state_dict(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate ``state_dict`` against this wrapper; return what to apply."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict; got {type(state_dict).__name__}")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(
+                    f"not an optimizer state dict: it has no {key!r} key "
+                    f"(keys: {sorted(map(str, state_dict))})"
+                )
+        saved_groups = state_dict["param_groups"]
+        groups = self.optimizer.param_groups
+        if len(saved_groups) != len(groups):
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} parameter group(s), "
+                f"the optimizer has {len(groups)}"
+            )
+        for i, (saved, group) in enumerate(zip(saved_groups, groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"parameter group {i}: the state dict has {len(saved['params'])} "
+                    f"parameter(s), the optimizer has {len(group['params'])}"
+                )
+        plan: dict[str, Any] = {}
+        counters = state_dict.get(STATE_KEY)
+        if counters is not None:
+            plan["counters"] = self._check_counters(counters)
+        return plan
+
+    def _check_counters(self, counters: Any) -> tuple[int, int]:
+        if not isinstance(counters, Mapping):
+            raise ValueError(f"state dict entry {STATE_KEY!r} must be a dict; got {counters!r}")
+        try:
+            inner, max_counts, acc = (
+                counters["inner_count"],
+                counters["max_counts"],
+                counters["accumulative_counts"],
+            )
+        except KeyError as exc:
+            raise ValueError(f"state dict entry {STATE_KEY!r} lacks {exc.args[0]!r}") from None
+        for name, value, low in (("inner_count", inner, 0), ("max_counts", max_counts, -1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"state dict {STATE_KEY}.{name} must be an int >= {low}; got {value!r}")
+        check_accumulative_counts(acc)
+        if acc != self._accumulative_counts:
+            warnings.warn(
+                f"the checkpoint was saved with accumulative_counts={acc}; this wrapper uses "
+                f"{self._accumulative_counts}: windows follow the new value from here on",
+                UserWarning,
+                stacklevel=4,
+            )
+        return inner, max_counts
+
+    def _apply_state_dict(self, state_dict: Mapping[str, Any], plan: dict[str, Any]) -> None:
+        optimizer_state = {k: v for k, v in state_dict.items() if k not in _WRAPPER_KEYS}
+        self.optimizer.load_state_dict(optimizer_state)
+        if "counters" in plan:
+            inner, max_counts = plan["counters"]
+            self._inner_count = inner
+            self._max_counts = max_counts
+            self._remainder_counts = -1 if max_counts == -1 else max_counts % self._accumulative_counts
+        self._n_groups = -1  # parameters may have been re-grouped
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _enter_micro_batch(self, model: Any) -> None:
+        if model is not self._model:
+            self._bind_model(model)
+        if self._pending_no_sync is not None:  # a forward whose backward never ran
+            self._release_no_sync()
+        if self._accumulative_counts > 1 and not self.should_sync():
+            context = self._no_sync(model)
+            context.__enter__()
+            self._pending_no_sync = context
+
+    def _release_no_sync(self) -> None:
+        context, self._pending_no_sync = self._pending_no_sync, None
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    def _bind_model(self, model: Any) -> None:
+        """Remember the model: it decides how to skip syncs and (FSDP1) how to clip."""
+        self._model = model
+        self._rebuild_clip_fn()
+
+    def _rebuild_clip_fn(self) -> None:
+        if self._clip is not None:
+            scaled = self.loss_scaler is not None
+            self._clip_fn = self._clip.clip_fn(self._model, scaled=scaled)
+
+    def _clip_grads(self) -> Tensor:
+        groups = self.optimizer.param_groups
+        if len(groups) != self._n_groups:  # add_param_group or a reload
+            self._params = [p for group in groups for p in group["params"]]
+            self._n_groups = len(groups)
+        assert self._clip_fn is not None
+        norm = self._clip_fn(self._params)
+        self.last_grad_norm = norm
+        return norm
+
+    def __repr__(self) -> str:
+        lines = [
+            f"{type(self).__name__}(",
+            f"  accumulative_counts={self._accumulative_counts},",
+            f"  clip_grad={self._clip!r},",
+            *self._repr_extra(),
+            "  optimizer=" + repr(self.optimizer).replace("\n", "\n  "),
+            ")",
+        ]
+        return "\n".join(lines)
+
+    def _repr_extra(self) -> list[str]:
+        return []
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real, finite int or float (bool excluded)."""
+    return (
+        not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    )
