@@ -1,0 +1,190 @@
+"""The Backend base class, the cpu and cuda backends, and get_backend's spec forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hwoptim import Backend, get_backend, register_backend
+from hwoptim.backends import registry
+from hwoptim.backends.cpu import CpuBackend
+from hwoptim.backends.cuda import CudaBackend
+
+
+@pytest.fixture
+def clean_registry():
+    """Registrations made in a test are undone afterwards."""
+    saved = (dict(registry._registry), dict(registry._origins))
+    yield
+    registry._registry.clear()
+    registry._registry.update(saved[0])
+    registry._origins.clear()
+    registry._origins.update(saved[1])
+
+
+def test_cpu_backend_facts():
+    cpu = get_backend("cpu")
+    assert isinstance(cpu, CpuBackend)
+    assert cpu.is_available() and cpu.device() == torch.device("cpu")
+    assert (cpu.device_count(), cpu.current_device(), cpu.dist_backend) == (1, 0, "gloo")
+    assert cpu.default_amp_dtype is torch.bfloat16
+    assert cpu.amp_dtypes == (torch.bfloat16, torch.float16, torch.float32)
+    cpu.synchronize()
+    assert cpu.memory_stats() == {}
+    with pytest.raises(ValueError, match="one device, index 0"):
+        cpu.set_device(1)
+
+
+def test_cpu_manual_seed_seeds_torch():
+    cpu = get_backend("cpu")
+    cpu.manual_seed(123)
+    a = torch.rand(3)
+    cpu.manual_seed(123)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_cpu_autocast_and_scaler():
+    cpu = get_backend("cpu")
+    with cpu.autocast(torch.float16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is torch.float16
+    with cpu.autocast(torch.float32):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is torch.float32
+    scaler = cpu.grad_scaler(init_scale=4.0)
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
+    assert scaler.state_dict()["scale"] == 4.0
+
+
+def test_describe_is_plain_data():
+    facts = get_backend("cpu").describe()
+    assert facts["name"] == "cpu" and facts["available"] is True and facts["reason"] is None
+    assert facts["amp_dtypes"] == ["bfloat16", "float16", "float32"] and facts["device_count"] == 1
+
+
+@pytest.mark.parametrize("spec", ["cpu", "CPU", " cpu ", torch.device("cpu"), "cpu:0", None])
+def test_spec_forms(spec, monkeypatch):
+    monkeypatch.setenv("HWOPTIM_DEVICE", "cpu")
+    assert get_backend(spec).name == "cpu"
+
+
+def test_a_backend_instance_is_returned_as_is():
+    backend = CpuBackend()
+    assert get_backend(backend) is backend
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "match"),
+    [
+        ("tpu", ValueError, "unknown device 'tpu'; registered backends: .*'cpu'.*'cuda'"),
+        ("cpu:x", ValueError, "index after ':' must be a non-negative integer"),
+        (":0", ValueError, "no backend name"),
+        ("cpu:1", ValueError, "does not exist; this process sees 1 cpu device"),
+        (3, TypeError, "device must be 'auto'"),
+    ],
+)
+def test_bad_specs(spec, error, match):
+    with pytest.raises(error, match=match):
+        get_backend(spec)
+
+
+def test_hwoptim_device_env_var_wins_and_bad_values_name_it(monkeypatch):
+    monkeypatch.setenv("HWOPTIM_DEVICE", "cpu")
+    assert get_backend("auto").name == "cpu"
+    monkeypatch.setenv("HWOPTIM_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="HWOPTIM_DEVICE='tpu': unknown device"):
+        get_backend("auto")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cuda_unavailable_on_a_cpu_build():
+    cuda = CudaBackend()
+    assert not cuda.is_available() and cuda.device_count() == 0
+    assert "CPU-only build" in cuda.unavailable_reason()
+    with pytest.raises(RuntimeError, match="'cuda' backend is not available"):
+        get_backend("cuda")
+
+
+def test_cuda_backend_through_torch_cuda(monkeypatch):
+    """The cuda backend's own code, with torch.cuda answering as a 2-GPU machine would."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(("synchronize",)))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(("manual_seed_all", s)))
+    cuda = get_backend("cuda:1")
+    assert cuda.device() == torch.device("cuda", 1)
+    assert get_backend("cuda").device() == torch.device("cuda", 1)  # the current device
+    assert cuda.dist_backend == "nccl" and cuda.default_amp_dtype is torch.float16
+    assert cuda.amp_dtypes == (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    cuda.set_device(0)
+    cuda.synchronize()
+    cuda.manual_seed(7)
+    assert calls == [("set_device", 0), ("synchronize",), ("manual_seed_all", 7)]
+    with pytest.raises(ValueError, match="cuda:2 does not exist; this process sees 2"):
+        get_backend("cuda:2")
+
+
+def test_cuda_without_bf16_support_refuses_bfloat16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(ValueError, match="cannot autocast to bfloat16; it supports 'float16', 'float32', 'float64'"):
+        CudaBackend().resolve_dtype("bfloat16")
+
+
+def test_register_a_backend_and_refuse_a_clash(clean_registry):
+    class Fake(Backend):
+        name = "fake"
+        device_type = "cpu"
+
+        def is_available(self) -> bool:
+            return True
+
+    assert register_backend(Fake) is Fake
+    assert get_backend("fake").name == "fake"
+    assert registry.backend_origin("fake") == "user"
+
+    class OtherCpu(CpuBackend):
+        pass
+
+    with pytest.raises(ValueError, match="'cpu' is already registered .*override=True"):
+        register_backend(OtherCpu)
+    register_backend(OtherCpu, override=True)
+    assert type(get_backend("cpu")) is OtherCpu
+
+
+def test_register_refuses_non_backends(clean_registry):
+    with pytest.raises(TypeError, match="takes a Backend subclass"):
+        register_backend(object)  # type: ignore[arg-type]
+
+    class Nameless(Backend):
+        pass
+
+    with pytest.raises(ValueError, match="must set both 'name' and 'device_type'"):
+        register_backend(Nameless)
+
+
+def test_a_custom_backend_drives_the_wrapper(clean_registry):
+    from hwoptim import AmpOptimWrapper
+
+    events = []
+
+    @register_backend
+    class Tracing(CpuBackend):
+        name = "tracing"
+
+        def autocast(self, dtype=None, enabled=True, cache_enabled=None):
+            events.append(("autocast", dtype))
+            return super().autocast(dtype, enabled, cache_enabled)
+
+        def grad_scaler(self, sharded=False, **kwargs):
+            events.append(("grad_scaler", sharded))
+            return super().grad_scaler(sharded, **kwargs)
+
+    model = torch.nn.Linear(2, 1)
+    wrapper = AmpOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), device="tracing", dtype="float16")
+    with wrapper.optim_context(model):
+        loss = model(torch.ones(1, 2)).float().sum()
+    wrapper.update_params(loss)
+    assert events == [("grad_scaler", False), ("autocast", torch.float16)]

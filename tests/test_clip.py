@@ -1,0 +1,112 @@
+"""clip_grad validation: every bad config is refused at construction with a message that helps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hwoptim.clip import ClipGrad, parse_clip_grad
+
+
+def test_none_means_no_clipping():
+    assert parse_clip_grad(None) is None
+
+
+def test_norm_is_the_default_type():
+    clip = ClipGrad(dict(max_norm=1))
+    assert clip.kind == "norm"
+    assert clip.kwargs == {"max_norm": 1.0, "norm_type": 2.0}
+
+
+def test_norm_options():
+    clip = ClipGrad(dict(type="norm", max_norm=2.0, norm_type="inf", error_if_nonfinite=True, foreach=False))
+    assert clip.norm_type == math.inf
+    assert clip.kwargs == {"max_norm": 2.0, "norm_type": math.inf, "error_if_nonfinite": True, "foreach": False}
+
+
+def test_value_options():
+    assert ClipGrad(dict(type="value", clip_value=0.5, foreach=True)).kwargs == {"clip_value": 0.5, "foreach": True}
+
+
+@pytest.mark.parametrize(
+    ("cfg", "error", "match"),
+    [
+        ([], TypeError, "clip_grad must be a dict"),
+        ("norm", TypeError, "clip_grad must be a dict"),
+        ({}, ValueError, "type 'norm' needs 'max_norm'"),
+        (dict(type="foo", max_norm=1), ValueError, "clip_grad type 'foo' is not one of 'norm', 'value'"),
+        (dict(norm_type=2), ValueError, "needs 'max_norm'"),
+        (dict(type="value"), ValueError, "needs 'clip_value'"),
+        (dict(max_norm=1, clip_value=2), ValueError, "does not take 'clip_value'; it takes"),
+        (dict(type="value", clip_value=1, max_norm=1), ValueError, "does not take 'max_norm'"),
+        (dict(max_norm="1"), ValueError, "max_norm must be a number"),
+        (dict(max_norm=True), ValueError, "max_norm must be a number"),
+        (dict(max_norm=0), ValueError, "positive finite"),
+        (dict(max_norm=-1), ValueError, "positive finite"),
+        (dict(max_norm=math.inf), ValueError, "positive finite"),
+        (dict(max_norm=1, norm_type=0), ValueError, "norm_type must be a positive number"),
+        (dict(max_norm=1, error_if_nonfinite=1), ValueError, "error_if_nonfinite must be True or False"),
+        (dict(max_norm=1, foreach="yes"), ValueError, "foreach must be True, False or None"),
+        (dict(type="value", clip_value=math.nan), ValueError, "clip_value must be a positive finite"),
+    ],
+)
+def test_bad_configs(cfg, error, match):
+    with pytest.raises(error, match=match):
+        ClipGrad(cfg)
+
+
+def test_the_config_is_not_mutated():
+    cfg = dict(type="norm", max_norm=1.0)
+    ClipGrad(cfg)
+    assert cfg == dict(type="norm", max_norm=1.0)
+
+
+def test_kwargs_is_a_fresh_copy():
+    clip = ClipGrad(dict(max_norm=1.0))
+    clip.kwargs["max_norm"] = 5
+    assert clip.kwargs["max_norm"] == 1.0
+
+
+def test_norm_clip_fn_returns_the_pre_clip_norm():
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([3.0, 4.0, 0.0])
+    norm = ClipGrad(dict(max_norm=1.0)).clip_fn()([p])
+    assert float(norm) == pytest.approx(5.0)
+    assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_value_clip_fn_clamps_and_returns_the_norm():
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, -4.0])
+    norm = ClipGrad(dict(type="value", clip_value=1.0)).clip_fn()([p])
+    assert float(norm) == pytest.approx(5.0)
+    assert p.grad.tolist() == [1.0, -1.0]
+
+
+def test_value_clip_fn_without_gradients():
+    p = torch.nn.Parameter(torch.zeros(2))
+    assert float(ClipGrad(dict(type="value", clip_value=1.0)).clip_fn()([p])) == 0.0
+
+
+def test_error_if_nonfinite_raises_unless_a_scaler_will_skip():
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([math.inf, 1.0])
+    clip = ClipGrad(dict(max_norm=1.0, error_if_nonfinite=True))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        clip.clip_fn()([p])
+    assert not torch.isfinite(clip.clip_fn(scaled=True)([p]))
+
+
+def test_a_model_with_its_own_clip_grad_norm_is_clipped_through_it():
+    class Sharded(torch.nn.Module):
+        def clip_grad_norm_(self, max_norm, norm_type):
+            return torch.tensor(max_norm * 10 + norm_type)
+
+    fn = ClipGrad(dict(max_norm=1.0, norm_type=1)).clip_fn(Sharded())
+    assert float(fn([])) == 11.0
+
+
+def test_repr_reads_like_the_config():
+    assert repr(ClipGrad(dict(type="value", clip_value=2))) == "dict(type='value', clip_value=2.0)"

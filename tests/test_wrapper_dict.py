@@ -1,0 +1,148 @@
+"""OptimWrapperDict: mmengine's checklist, plus the members mmengine leaves broken."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_same
+
+from hwoptim import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
+
+
+class GAN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.generator = nn.Linear(2, 2)
+        self.discriminator = nn.Linear(2, 1)
+
+
+def make() -> tuple[GAN, OptimWrapperDict, OptimWrapper, OptimWrapper]:
+    model = GAN()
+    g = OptimWrapper(torch.optim.SGD(model.generator.parameters(), lr=0.1, momentum=0.8))
+    d = OptimWrapper(torch.optim.SGD(model.discriminator.parameters(), lr=0.2, momentum=0.9))
+    return model, OptimWrapperDict(generator=g, discriminator=d), g, d
+
+
+def test_holds_the_wrappers():
+    _, wrappers, g, d = make()
+    assert wrappers.optim_wrappers == {"generator": g, "discriminator": d}
+
+
+def test_only_accepts_optim_wrappers():
+    with pytest.raises(TypeError, match="only accepts OptimWrapper instances, but got g: SGD"):
+        OptimWrapperDict(g=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
+
+
+@pytest.mark.parametrize("method", ["update_params", "backward"])
+def test_loss_methods_say_to_call_the_named_wrapper(method):
+    _, wrappers, _, _ = make()
+    with pytest.raises(NotImplementedError, match=rf"`{method}` should be called by each optimizer.*'generator'"):
+        getattr(wrappers, method)(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("method", ["step", "should_update", "should_sync"])
+def test_step_methods_say_to_call_the_named_wrapper(method):
+    _, wrappers, _, _ = make()
+    with pytest.raises(NotImplementedError, match=f"`{method}` should be called"):
+        getattr(wrappers, method)()
+
+
+def test_optim_context_says_to_call_the_named_wrapper():
+    model, wrappers, _, _ = make()
+    with pytest.raises(NotImplementedError, match="`optim_context` should be called"), wrappers.optim_context(model):
+        pass
+
+
+def test_zero_grad_zeroes_every_wrapper_and_forwards_kwargs():
+    model, wrappers, _, _ = make()
+    (model.generator(torch.ones(1, 2)).sum() + model.discriminator(torch.ones(1, 2)).sum()).backward()
+    wrappers.zero_grad(set_to_none=False)
+    assert all(float(p.grad.abs().sum()) == 0 for p in model.parameters())
+    wrappers.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_initialize_count_status_reaches_every_wrapper_with_its_submodule():
+    model = GAN()
+    g = OptimWrapper(torch.optim.SGD(model.generator.parameters(), lr=0.1), accumulative_counts=2)
+    d = OptimWrapper(torch.optim.SGD(model.discriminator.parameters(), lr=0.1), accumulative_counts=3)
+    wrappers = OptimWrapperDict(generator=g, discriminator=d)
+    wrappers.initialize_count_status(model, 0, 10)
+    assert (g._max_counts, g._remainder_counts, d._remainder_counts) == (10, 0, 1)
+    assert g._model is model.generator and d._model is model.discriminator
+    assert wrappers.inner_count == {"generator": 0, "discriminator": 0}
+
+
+def test_per_name_views():
+    _, wrappers, g, d = make()
+    assert wrappers.param_groups == {"generator": g.param_groups, "discriminator": d.param_groups}
+    assert wrappers.defaults["discriminator"]["lr"] == 0.2
+    assert wrappers.get_lr() == {"generator.lr": [0.1], "discriminator.lr": [0.2]}
+    assert wrappers.get_momentum() == {"generator.momentum": [0.8], "discriminator.momentum": [0.9]}
+    assert wrappers.last_grad_norm == {"generator": None, "discriminator": None}
+
+
+def test_state_dict_per_name_and_round_trip():
+    model, wrappers, g, d = make()
+    wrappers["generator"].update_params(model.generator(torch.ones(1, 2)).sum())
+    state = wrappers.state_dict()
+    assert_same(state, {"generator": g.state_dict(), "discriminator": d.state_dict()})
+    _, fresh, _, _ = make()
+    frozen = copy.deepcopy(state)
+    fresh.load_state_dict(state)
+    assert_same(fresh.state_dict(), state)
+    assert_same(state, frozen)
+
+
+def test_a_partial_or_unknown_load_raises_before_loading_anything():
+    _, wrappers, g, _ = make()
+    state = wrappers.state_dict()
+    _, fresh, fresh_g, _ = make()
+    fresh_g.optimizer.param_groups[0]["lr"] = 0.5
+    with pytest.raises(ValueError, match=r"missing name\(s\) \['discriminator'\]"):
+        fresh.load_state_dict({"generator": state["generator"]})
+    with pytest.raises(ValueError, match=r"unknown name\(s\) \['critic'\]"):
+        fresh.load_state_dict({**state, "critic": state["generator"]})
+    broken = {**state, "discriminator": {"state": {}}}
+    with pytest.raises(ValueError, match="no 'param_groups'"):
+        fresh.load_state_dict(broken)
+    assert fresh_g.get_lr() == {"lr": [0.5]}  # the generator was not loaded either
+
+
+def test_mapping_protocol():
+    _, wrappers, g, d = make()
+    assert list(wrappers.items()) == [("generator", g), ("discriminator", d)]
+    assert list(wrappers.values()) == [g, d]
+    assert list(wrappers.keys()) == ["generator", "discriminator"] == list(wrappers)
+    assert wrappers["generator"] is g
+    assert len(wrappers) == 2 and "discriminator" in wrappers and "critic" not in wrappers
+    with pytest.raises(KeyError, match="Cannot find 'critic'"):
+        wrappers["critic"]
+
+
+def test_repr_names_each_wrapper():
+    _, wrappers, _, _ = make()
+    text = repr(wrappers)
+    assert "name: generator" in text and "name: discriminator" in text
+
+
+def test_wrappers_of_different_kinds_train_independently():
+    model = GAN()
+    g = AmpOptimWrapper(torch.optim.SGD(model.generator.parameters(), lr=0.1), device="cpu", dtype="bfloat16")
+    d = OptimWrapper(torch.optim.SGD(model.discriminator.parameters(), lr=0.1), accumulative_counts=2)
+    wrappers = OptimWrapperDict(generator=g, discriminator=d)
+    wrappers.initialize_count_status(model, 0, 4)
+    before = model.discriminator.weight.detach().clone()
+    with wrappers["generator"].optim_context(model.generator):
+        fake = model.generator(torch.ones(3, 2))
+    wrappers["generator"].update_params(fake.float().pow(2).mean())
+    with wrappers["discriminator"].optim_context(model.discriminator):
+        d_loss = model.discriminator(fake.detach().float()).mean()
+    wrappers["discriminator"].update_params(d_loss)
+    assert torch.equal(model.discriminator.weight, before)  # accumulating, not stepped yet
+    assert wrappers.inner_count == {"generator": 1, "discriminator": 1}
