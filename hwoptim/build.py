@@ -213,18 +213,18 @@ class ParamwiseGroups:
             # mmengine matches against f"{prefix}.{name}", which starts with "." at the top level
             if key in f"{prefix}.{name}":
                 custom = self.custom[key]
-                group["lr"] = base_lr * custom.get("lr_mult", 1.0)  # type: ignore[operator]
+                group["lr"] = base_lr * custom.get("lr_mult", 1.0)
                 if base_wd is not None:
                     group["weight_decay"] = base_wd * custom.get("decay_mult", 1.0)
                 group.update(custom)
                 return group
         if name == "bias" and not (is_norm or in_dcn) and cfg.get("bias_lr_mult") is not None:
-            group["lr"] = base_lr * cfg["bias_lr_mult"]  # type: ignore[operator]
+            group["lr"] = base_lr * cfg["bias_lr_mult"]
         if (
             "conv_offset" in prefix and in_dcn and cfg.get("dcn_offset_lr_mult") is not None
             and isinstance(module, nn.Conv2d)
         ):
-            group["lr"] = base_lr * cfg["dcn_offset_lr_mult"]  # type: ignore[operator]
+            group["lr"] = base_lr * cfg["dcn_offset_lr_mult"]
         if base_wd is not None:
             if is_norm and cfg.get("norm_decay_mult") is not None:
                 group["weight_decay"] = base_wd * cfg["norm_decay_mult"]

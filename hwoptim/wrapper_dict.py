@@ -50,18 +50,18 @@ class OptimWrapperDict(OptimWrapper):
             f"use wrappers[name].{method}(...) with name in {names}"
         )
 
-    def update_params(  # type: ignore[override]
+    def update_params(
         self, loss: Tensor, step_kwargs: dict[str, Any] | None = None,
         zero_kwargs: dict[str, Any] | None = None,
     ) -> NoReturn:
         """Not here: call ``update_params`` of the wrapper that owns the loss."""
         self._call_named("update_params")
 
-    def backward(self, loss: Tensor, **kwargs: Any) -> NoReturn:  # type: ignore[override]
+    def backward(self, loss: Tensor, **kwargs: Any) -> NoReturn:
         """Not here: call ``backward`` of the wrapper that owns the loss."""
         self._call_named("backward")
 
-    def step(self, **kwargs: Any) -> NoReturn:  # type: ignore[override]
+    def step(self, **kwargs: Any) -> NoReturn:
         """Not here: call ``step`` of the wrapper to update."""
         self._call_named("step")
 
@@ -71,15 +71,15 @@ class OptimWrapperDict(OptimWrapper):
         self._call_named("optim_context")
         yield  # pragma: no cover
 
-    def scale_loss(self, loss: Tensor) -> NoReturn:  # type: ignore[override]
+    def scale_loss(self, loss: Tensor) -> NoReturn:
         """Not here: each wrapper scales by its own accumulation window."""
         self._call_named("scale_loss")
 
-    def should_update(self) -> NoReturn:  # type: ignore[override]
+    def should_update(self) -> NoReturn:
         """Not here: each wrapper has its own window."""
         self._call_named("should_update")
 
-    def should_sync(self) -> NoReturn:  # type: ignore[override]
+    def should_sync(self) -> NoReturn:
         """Not here: each wrapper has its own window."""
         self._call_named("should_sync")
 
@@ -115,7 +115,7 @@ class OptimWrapperDict(OptimWrapper):
         return {name: w.param_groups for name, w in self.optim_wrappers.items()}
 
     @property
-    def defaults(self) -> dict[str, dict[str, Any]]:  # type: ignore[override]
+    def defaults(self) -> dict[str, dict[str, Any]]:
         """``{name: optimizer.defaults}``."""
         return {name: w.defaults for name, w in self.optim_wrappers.items()}
 
