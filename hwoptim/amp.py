@@ -154,7 +154,7 @@ class AmpOptimWrapper(OptimWrapper):
             total = total + other.to(total.device, non_blocking=True)
         # One skipped step counts once: found_inf sums over devices, and the sharded
         # scaler all-reduces it, so it can exceed 1 (and has shape (1,) there).
-        self._count_skipped(total.sum().clamp_(max=1.0))
+        self._count_skipped(total.clamp(max=1.0).view(()))
 
     # -- checkpoints ----------------------------------------------------------------------
 
