@@ -46,7 +46,6 @@ from torch import nn
 
 from hwoptim import OptimWrapper
 
-ROOT = Path(__file__).resolve().parent.parent
 UPDATES = sum(SYNCED)  # 3 updates in 7 micro-batches with windows of 3
 #: FSDP2 reduce-scatters once per sharded parameter group: the two Linear layers
 FSDP2_GROUPS = 2
