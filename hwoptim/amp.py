@@ -152,7 +152,9 @@ class AmpOptimWrapper(OptimWrapper):
         total = found[0]
         for other in found[1:]:
             total = total + other.to(total.device, non_blocking=True)
-        self._count_skipped(total)
+        # One skipped step counts once: found_inf sums over devices, and the sharded
+        # scaler all-reduces it, so it can exceed 1 (and has shape (1,) there).
+        self._count_skipped(total.clamp(max=1.0).view(()))
 
     # -- checkpoints ----------------------------------------------------------------------
 

@@ -111,8 +111,9 @@ class ClipGrad:
 
         Decided once per model: an FSDP1 module clips through its own ``clip_grad_norm_``
         (the norm over all shards, not this rank's); everything else, FSDP2's DTensor
-        gradients included, through torch.nn.utils. ``scaled``: a loss scaler is on, so a
-        non-finite norm is an overflow the scaler skips, never an error.
+        gradients included, through torch.nn.utils, whose norm over DTensors is the global
+        one (returned as a plain tensor, see ``global_norm``). ``scaled``: a loss scaler is
+        on, so a non-finite norm is an overflow the scaler skips, never an error.
         """
         error = self.error_if_nonfinite and not scaled
         if self.kind == "value":
@@ -125,7 +126,8 @@ class ClipGrad:
         clip = torch.nn.utils.clip_grad_norm_
 
         def clip_norm(params: Sequence[Tensor]) -> Tensor:
-            return clip(params, max_norm, norm_type, error, foreach)
+            norm = clip(params, max_norm, norm_type, error, foreach)
+            return norm if type(norm) is Tensor else global_norm(norm)
 
         return clip_norm
 
@@ -152,7 +154,7 @@ class ClipGrad:
             norm = total_norm(grads, foreach)
             if grads:
                 torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
-            return norm
+            return norm if type(norm) is Tensor else global_norm(norm)
 
         return clip_value_
 
@@ -174,6 +176,20 @@ def _total_norm_fn() -> Callable[[list[Tensor], bool | None], Tensor]:
         return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
 
     return fallback
+
+
+def global_norm(norm: Tensor) -> Tensor:
+    """A total norm as a plain tensor holding the value over all ranks.
+
+    With FSDP2 (or tensor parallel) gradients are DTensors, and so is the norm torch
+    computes over them: replicated, or a partial sum still to be reduced. ``full_tensor()``
+    turns either into a plain tensor with the global value -- a collective where a
+    reduction is pending, never a host sync -- so ``last_grad_norm`` logs the true norm
+    and the non-finite guard (and fused optimizers, which take ``found_inf`` as a plain
+    tensor) see the same value on every rank. Other tensor subclasses pass through.
+    """
+    full_tensor = getattr(norm, "full_tensor", None)
+    return norm if full_tensor is None else full_tensor()
 
 
 def parse_clip_grad(clip_grad: Mapping[str, Any] | None) -> ClipGrad | None:

@@ -196,6 +196,10 @@ class OptimWrapper:
         FSDP ``no_sync()``, FSDP2 ``set_requires_gradient_sync(False)``) is switched off on
         entry and stays off until the backward of that micro-batch has run, whether
         ``update_params`` is called inside this block or after it (mmengine's pattern).
+        It must outlive the block: DDP reads its flag in the forward, but FSDP1 and FSDP2
+        read theirs in the backward, so a skip that ended with the block (as mmengine's
+        does) would leave FSDP communicating on every micro-batch. How the model's sync is
+        switched is its backend's ``no_sync(model)``.
         """
         self._enter_micro_batch(model)
         try:

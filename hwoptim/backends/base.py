@@ -9,8 +9,10 @@ device module torch (or the vendor) installs as ``torch.<device_type>``.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import weakref
 from collections.abc import Iterator
-from typing import Any, ClassVar, ContextManager
+from typing import Any, Callable, ClassVar, ContextManager
 
 import torch
 
@@ -230,7 +232,11 @@ class Backend:
 
         While the returned context is entered, the backward pass of ``model`` does not
         communicate. The wrapper enters it before the forward and leaves it only after the
-        backward, because FSDP reads its flag during backward.
+        backward: DDP reads its flag in the forward, but FSDP1 and FSDP2 read theirs in
+        the backward, which mmengine-style loops run after the ``optim_context`` block.
+        The default (``skip_gradient_sync``) serves DDP, FSDP1, FSDP2, torch.compile'd
+        models and plain modules on every device; a backend overrides this only when its
+        vendor has its own data-parallel wrapper with another switch.
         """
         return skip_gradient_sync(model)
 
@@ -270,26 +276,140 @@ def unwrap_compiled(model: Any) -> Any:
     return getattr(model, "_orig_mod", model)
 
 
-@contextlib.contextmanager
-def skip_gradient_sync(model: Any) -> Iterator[None]:
+def skip_gradient_sync(model: Any) -> ContextManager[Any]:
     """The device-independent way to skip gradient synchronisation of ``model``.
 
-    FSDP2 modules get ``set_requires_gradient_sync(False)`` and back to True on exit;
-    DDP and FSDP1 (and anything else with ``no_sync()``) get their ``no_sync()``;
-    a plain module needs nothing.
+    While the returned context is entered, a backward pass through ``model`` does not
+    communicate; leaving it turns synchronisation back on.
+
+    - FSDP2 (``fully_shard``): every FSDP2 module in the tree -- the root, or only some
+      submodules when the root itself is not sharded -- gets
+      ``set_requires_gradient_sync(False)``, and True again on exit.
+    - DDP and FSDP1 (``no_sync()`` at the root): their ``no_sync()``.
+    - A plain root holding separately wrapped DDP/FSDP1 submodules: the ``no_sync()`` of
+      each outermost one.
+    - A plain module: nothing.
+
+    A ``torch.compile`` wrapper is looked through. Which modules to switch is decided the
+    first time a model is seen and remembered for it, weakly (the cache never keeps a model
+    alive), so a micro-batch pays a dictionary lookup, not a walk over all modules. Wrap or
+    shard the model before training starts (torch needs that anyway: the optimizer must be
+    built over the final parameters).
     """
-    module = unwrap_compiled(model)
-    set_sync = getattr(module, "set_requires_gradient_sync", None)
-    if set_sync is not None:
-        set_sync(False)
+    root = unwrap_compiled(model)
+    try:
+        targets = _SYNC_TARGETS.get(root)
+    except TypeError:  # neither hashable nor weak-referenceable: decide every time
+        return _skip_sync(*_find_sync_targets(root))
+    found = None if targets is None else targets.resolve()
+    if found is None:  # first sight, or a module it named is gone
+        found = _find_sync_targets(root)
         try:
-            yield
-        finally:
-            set_sync(True)
-        return
-    no_sync = getattr(module, "no_sync", None)
-    if no_sync is None:
+            _SYNC_TARGETS[root] = _SyncTargets(*found)
+        except TypeError:  # a submodule that cannot be weakly referenced: no cache
+            pass
+    return _skip_sync(*found)
+
+
+#: FSDP2 modules as (module, whether its setter takes recurse=), and modules with no_sync()
+_Found = tuple[tuple[tuple[Any, bool], ...], tuple[Any, ...]]
+
+
+class _SyncTargets:
+    """The modules to switch for one model, held weakly (see skip_gradient_sync)."""
+
+    __slots__ = ("_fsdp2", "_no_sync")
+
+    def __init__(
+        self, fsdp2: tuple[tuple[Any, bool], ...], no_sync: tuple[Any, ...]
+    ) -> None:
+        self._fsdp2 = tuple((weakref.ref(m), recurse) for m, recurse in fsdp2)
+        self._no_sync = tuple(weakref.ref(m) for m in no_sync)
+
+    def resolve(self) -> _Found | None:
+        """The modules themselves, or None when one of them no longer exists."""
+        fsdp2 = tuple((ref(), recurse) for ref, recurse in self._fsdp2)
+        no_sync = tuple(ref() for ref in self._no_sync)
+        if any(m is None for m, _ in fsdp2) or any(m is None for m in no_sync):
+            return None
+        return fsdp2, no_sync
+
+
+#: root module -> its _SyncTargets
+_SYNC_TARGETS: weakref.WeakKeyDictionary[Any, _SyncTargets] = weakref.WeakKeyDictionary()
+
+
+def _find_sync_targets(root: Any) -> _Found:
+    """Walk ``root`` once: which modules must be switched to skip its gradient sync."""
+    is_module = isinstance(root, torch.nn.Module)
+    modules = root.modules() if is_module else (root,)
+    fsdp2 = tuple(
+        (m, _setter_takes_recurse(m.set_requires_gradient_sync))
+        for m in modules
+        if callable(getattr(m, "set_requires_gradient_sync", None))
+    )
+    if fsdp2:
+        return fsdp2, ()
+    if callable(getattr(root, "no_sync", None)):
+        return (), (root,)
+    if is_module:
+        return (), tuple(_outermost_with(root, "no_sync"))
+    return (), ()
+
+
+def _setter_takes_recurse(setter: Callable[..., Any]) -> bool:
+    # FSDP2's setter walks every submodule on each call unless told recurse=False; the
+    # targets already list every FSDP2 module, so each is switched alone. The composable
+    # replicate() API has the same setter without that keyword.
+    try:
+        return "recurse" in inspect.signature(setter).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _outermost_with(module: torch.nn.Module, attr: str) -> Iterator[torch.nn.Module]:
+    """Submodules that have ``attr`` and no ancestor (below ``module``) that has it."""
+    for child in module.children():
+        if callable(getattr(child, attr, None)):
+            yield child
+        else:
+            yield from _outermost_with(child, attr)
+
+
+def _skip_sync(
+    fsdp2: tuple[tuple[Any, bool], ...], no_sync: tuple[Any, ...]
+) -> ContextManager[Any]:
+    if fsdp2:
+        return _requires_gradient_sync_off(fsdp2)
+    if len(no_sync) == 1:
+        return no_sync[0].no_sync()  # type: ignore[no-any-return]
+    if no_sync:
+        return _all_no_sync(no_sync)
+    return contextlib.nullcontext()
+
+
+def _set_gradient_sync(fsdp2: tuple[tuple[Any, bool], ...], flag: bool) -> None:
+    for module, takes_recurse in fsdp2:
+        if takes_recurse:
+            module.set_requires_gradient_sync(flag, recurse=False)
+        else:
+            module.set_requires_gradient_sync(flag)
+
+
+@contextlib.contextmanager
+def _requires_gradient_sync_off(fsdp2: tuple[tuple[Any, bool], ...]) -> Iterator[None]:
+    _set_gradient_sync(fsdp2, False)
+    try:
         yield
-        return
-    with no_sync():
+    finally:
+        # Back to True, not to a remembered value: FSDP2 has no public getter, and a
+        # micro-batch outside a skip must always synchronise.
+        _set_gradient_sync(fsdp2, True)
+
+
+@contextlib.contextmanager
+def _all_no_sync(modules: tuple[Any, ...]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            stack.enter_context(module.no_sync())
         yield

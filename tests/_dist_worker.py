@@ -1,0 +1,480 @@
+"""What each rank of tests/test_distributed.py runs: training scenarios under real
+torch.distributed (gloo on CPU), and the model, data and reference the tests share.
+
+The processes are started once per test module (``launch``) and run several scenarios in
+a row; each rank saves each scenario's result as ``<name>.rank<r>.pt`` in the work
+folder, where the tests read it. A scenario that raises writes ``<name>.rank<r>.err``
+with its traceback and ends the run: the other rank would otherwise wait in a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import time
+import traceback
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from hwoptim import AmpOptimWrapper, OptimWrapper, get_backend
+
+WORLD_SIZE = 2
+IN, HIDDEN, OUT, BATCH = 4, 8, 3, 4
+#: iterations and window: 7 is not a multiple of 3, so the last window holds one micro-batch
+N_ITERS, ACC = 7, 3
+#: micro-batches that end a window (and so must synchronise): 3, 6 and the last, 7
+SYNCED = [False, False, True, False, False, True, True]
+CLIP = dict(max_norm=0.5)
+#: the iteration at which one rank's gradient shard is made inf in the overflow scenarios
+INF_AT, INF_RANK, INF_ITERS = 2, 1, 4
+
+
+# -- shared by the workers and the single-process references in the tests -----------------------
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+
+
+def batch(i: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s micro-batch of iteration ``i`` (deterministic)."""
+    g = torch.Generator().manual_seed(1000 * i + rank)
+    return torch.randn(BATCH, IN, generator=g), torch.randn(BATCH, OUT, generator=g)
+
+
+def global_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' micro-batches of iteration ``i``, concatenated: what one process sees."""
+    xs, ys = zip(*(batch(i, r) for r in range(WORLD_SIZE)))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out.float(), y)
+
+
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def fused_adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+
+
+def train(
+    wrapper: OptimWrapper,
+    model: Any,
+    iters: Sequence[int],
+    rank: int | None,
+    pattern: str = "mmengine",
+    collectives: Callable[[], int] | None = None,
+) -> list[int]:
+    """Train over ``iters``; ``rank=None`` means one process on the concatenated batches.
+
+    pattern "mmengine": the forward inside ``optim_context``, ``update_params`` after it
+    (how mmengine's models call it); "inside": the whole body inside the block. Returns
+    how many collectives each micro-batch issued (when ``collectives`` counts them).
+    """
+    counts = []
+    for i in iters:
+        x, y = global_batch(i) if rank is None else batch(i, rank)
+        before = collectives() if collectives else 0
+        if pattern == "mmengine":
+            with wrapper.optim_context(model):
+                loss = loss_fn(model(x), y)
+            wrapper.update_params(loss)
+        elif pattern == "inside":
+            with wrapper.optim_context(model):
+                wrapper.update_params(loss_fn(model(x), y))
+        else:
+            raise ValueError(f"pattern must be 'mmengine' or 'inside'; got {pattern!r}")
+        counts.append((collectives() if collectives else 0) - before)
+    return counts
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    """Full (unsharded) copies of the parameters, DTensors gathered."""
+    out = []
+    for p in model.parameters():
+        full = getattr(p, "full_tensor", None)
+        out.append((full() if full is not None else p).detach().clone())
+    return out
+
+
+# -- process management (run in the pytest process) ----------------------------------------------
+
+
+_PRELOAD = [
+    "torch",
+    "torch._dynamo",
+    "torch.distributed.fsdp",
+    "torch.nn.parallel",
+    "hwoptim",
+    "_dist_worker",
+]
+
+
+def launch(workdir: Path, scenarios: Sequence[str], timeout: float = 180.0) -> None:
+    """Run ``scenarios`` on WORLD_SIZE fresh processes; raise if a rank fails or hangs."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    # Every rank would spend seconds importing torch and torch._dynamo (DDP imports it);
+    # a fork server imports them once, and each launch forks its ranks from it. The fork
+    # server never touches torch.distributed or OpenMP, so forking it is safe.
+    multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
+    context = mp.start_processes(
+        run_rank,
+        args=(WORLD_SIZE, str(workdir), list(scenarios), f"{workdir}/store-{uuid.uuid4().hex}"),
+        nprocs=WORLD_SIZE,
+        join=False,
+        start_method="forkserver",
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            raise TimeoutError(f"distributed scenarios {list(scenarios)} ran past {timeout}s")
+
+
+def run_rank(rank: int, world_size: int, workdir: str, scenarios: list[str], store: str) -> None:
+    torch.set_num_threads(1)  # two ranks share a small CI machine
+    # The store is a file in this run's own folder: no TCP port to clash with other runs.
+    dist.init_process_group(
+        get_backend("cpu").dist_backend,
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        for name in scenarios:
+            try:
+                result = SCENARIOS[name](rank, Path(workdir))
+            except BaseException:
+                Path(workdir, f"{name}.rank{rank}.err").write_text(traceback.format_exc())
+                raise
+            torch.save(result, Path(workdir, f"{name}.rank{rank}.pt"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# -- counting collectives ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def counting_reduce_scatter() -> Iterator[list[int]]:
+    """Count calls of ``dist.reduce_scatter_single``, the function FSDP2 reduces through
+    (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, looked up on ``dist`` at
+    call time, so patching the module attribute sees every call)."""
+    calls = [0]
+    original = dist.reduce_scatter_single
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    dist.reduce_scatter_single = counted
+    try:
+        yield calls
+    finally:
+        dist.reduce_scatter_single = original
+
+
+def ddp_with_counter(model: nn.Module) -> tuple[nn.Module, list[int]]:
+    """DDP over ``model`` whose every all-reduce passes a counting comm hook."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model)
+    calls = [0]
+
+    # No annotations: DDP checks them, and postponed (string) annotations fail its check.
+    def counting_allreduce(state, bucket):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return default_hooks.allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting_allreduce)
+    return ddp, calls
+
+
+def fsdp2_model(shard_root: bool = True) -> nn.Sequential:
+    """make_model() with each Linear fully_shard'ed, and the root too unless told not to."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model[0])
+    fully_shard(model[2])
+    if shard_root:
+        fully_shard(model)
+    return model
+
+
+# -- scenarios: each returns what the tests assert on -------------------------------------------
+
+
+def _ddp_accumulation(rank: int, pattern: str, compiled: bool = False) -> dict[str, Any]:
+    ddp, calls = ddp_with_counter(make_model())
+    runner = torch.compile(ddp, backend="eager") if compiled else ddp
+    wrapper = OptimWrapper(sgd(ddp), accumulative_counts=ACC)
+    wrapper.initialize_count_status(runner, 0, N_ITERS)
+    counts = train(wrapper, runner, range(N_ITERS), rank, pattern, lambda: calls[0])
+    return {"collectives": counts, "params": params_of(ddp.module)}
+
+
+def _fsdp2_accumulation(
+    rank: int, pattern: str, shard_root: bool = True, compiled: bool = False
+) -> dict[str, Any]:
+    model = fsdp2_model(shard_root)
+    runner = torch.compile(model, backend="eager") if compiled else model
+    wrapper = OptimWrapper(sgd(model), accumulative_counts=ACC, clip_grad=CLIP)
+    wrapper.initialize_count_status(runner, 0, N_ITERS)
+    norms = []
+    with counting_reduce_scatter() as calls:
+        counts = []
+        for i in range(N_ITERS):
+            counts += train(wrapper, runner, [i], rank, pattern, lambda: calls[0])
+            if SYNCED[i]:
+                norms.append(wrapper.last_grad_norm)
+        params = params_of(model)
+        # After the loop synchronisation is back on: a plain backward reduce-scatters.
+        before = calls[0]
+        x, y = batch(99, rank)
+        loss_fn(runner(x), y).backward()
+        after_loop = calls[0] - before
+    return {
+        "collectives": counts,
+        "after_loop": after_loop,
+        "params": params,
+        "norm_types": [type(n).__name__ for n in norms],
+        "norms": [n.detach().clone() for n in norms],
+    }
+
+
+def _poison_local_shard(model: nn.Module) -> None:
+    """Make one element of this rank's gradient shard inf, as an fp16 overflow would."""
+    grad = next(model.parameters()).grad
+    local = grad.to_local() if hasattr(grad, "to_local") else grad
+    local.view(-1)[0] = float("inf")
+
+
+def _step_with_overflow(
+    wrapper: OptimWrapper, model: nn.Module, rank: int
+) -> dict[str, list[Any]]:
+    """INF_ITERS updates; at INF_AT, rank INF_RANK's gradient shard holds an inf."""
+    record: dict[str, list[Any]] = {"changed": [], "scales": [], "norms": []}
+    for i in range(INF_ITERS):
+        x, y = batch(i, rank)
+        with wrapper.optim_context(model):
+            loss = loss_fn(model(x), y)
+        wrapper.backward(wrapper.scale_loss(loss))
+        if i == INF_AT and rank == INF_RANK:
+            _poison_local_shard(model)
+        before = params_of(model)
+        wrapper.step()
+        wrapper.zero_grad()
+        after = params_of(model)
+        record["changed"].append(any(not torch.equal(b, a) for b, a in zip(before, after)))
+        scale = getattr(wrapper, "loss_scale", None)
+        record["scales"].append(None if scale is None else float(scale))
+        norm = wrapper.last_grad_norm
+        record["norms"].append((type(norm).__name__, float(norm)))
+    return record
+
+
+def _fsdp2_fp16_sharded_scaler(rank: int) -> dict[str, Any]:
+    model = fsdp2_model()
+    wrapper = AmpOptimWrapper(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        device="cpu",
+        dtype="float16",
+        # Small enough that fp16 gradients never overflow by themselves: the only
+        # overflow is the one this scenario makes on purpose.
+        loss_scale=dict(init_scale=256.0),
+        use_fsdp=True,
+        clip_grad=dict(max_norm=1.0),
+    )
+    record = _step_with_overflow(wrapper, model, rank)
+    scaler = type(wrapper.loss_scaler)
+    record["scaler"] = f"{scaler.__module__}.{scaler.__name__}"
+    record["skipped"] = float(wrapper.skipped_steps)
+    return record
+
+
+def _fsdp2_fused_overflow(rank: int) -> dict[str, Any]:
+    model = fsdp2_model()
+    wrapper = OptimWrapper(fused_adamw(model), clip_grad=dict(max_norm=1.0))
+    record = _step_with_overflow(wrapper, model, rank)
+    record["skipped"] = float(wrapper.skipped_steps)
+    record["params"] = params_of(model)
+    return record
+
+
+# Resume: an uninterrupted run, and the same run checkpointed after RESUME_AT iterations
+# and finished by fresh processes (a second launch).
+RESUME_ITERS, RESUME_ACC, RESUME_AT = 8, 3, 3
+
+
+def _resume_setup(rank: int) -> tuple[nn.Module, nn.Module, AmpOptimWrapper]:
+    model = make_model()
+    ddp, _ = ddp_with_counter(model)
+    wrapper = AmpOptimWrapper(
+        torch.optim.AdamW(model.parameters(), lr=0.01),
+        device="cpu",
+        dtype="float16",  # a dynamic loss scaler, whose state must survive the resume too
+        accumulative_counts=RESUME_ACC,
+        clip_grad=dict(max_norm=1.0),
+    )
+    return model, ddp, wrapper
+
+
+def _ddp_uninterrupted(rank: int) -> dict[str, Any]:
+    model, ddp, wrapper = _resume_setup(rank)
+    wrapper.initialize_count_status(ddp, 0, RESUME_ITERS)
+    train(wrapper, ddp, range(RESUME_ITERS), rank)
+    return {"params": params_of(model), "scale": float(wrapper.loss_scale)}
+
+
+def _ddp_checkpoint(rank: int, workdir: Path) -> dict[str, Any]:
+    model, ddp, wrapper = _resume_setup(rank)
+    wrapper.initialize_count_status(ddp, 0, RESUME_ITERS)
+    train(wrapper, ddp, range(RESUME_AT), rank)
+    if rank == 0:
+        checkpoint = {"model": model.state_dict(), "optim": wrapper.state_dict()}
+        torch.save(checkpoint, workdir / "ckpt.pt")
+    return {"inner_count": wrapper.inner_count}
+
+
+def _ddp_resumed(rank: int, workdir: Path) -> dict[str, Any]:
+    checkpoint = torch.load(workdir / "ckpt.pt", weights_only=True)
+    model = make_model(seed=123)  # other weights: the checkpoint must bring them back
+    model.load_state_dict(checkpoint["model"])
+    ddp, _ = ddp_with_counter(model)
+    wrapper = AmpOptimWrapper(
+        torch.optim.AdamW(model.parameters(), lr=0.01),
+        device="cpu",
+        dtype="float16",
+        accumulative_counts=RESUME_ACC,
+        clip_grad=dict(max_norm=1.0),
+    )
+    wrapper.load_state_dict(checkpoint["optim"])  # the counters come back with it
+    resumed_at = wrapper.inner_count
+    train(wrapper, ddp, range(RESUME_AT, RESUME_ITERS), rank)
+    scale = float(wrapper.loss_scale)
+    return {"params": params_of(model), "scale": scale, "resumed_at": resumed_at}
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE_STEPS = 6
+
+
+def _run_example(rank: int, name: str) -> dict[str, Any]:
+    """Run examples/<name> in this rank, in the process group the launch already made.
+
+    The example is run as written; only its init_process_group (which would read
+    torchrun's environment) and destroy_process_group are recorded instead of run, so CI
+    does not pay for a third set of processes. By hand:
+    ``HWOPTIM_DEVICE=cpu torchrun --standalone --nproc-per-node 2 examples/ddp.py``.
+    """
+    import contextlib
+    import io
+    import runpy
+    from unittest import mock
+
+    namespace = runpy.run_path(str(EXAMPLES / name), run_name="hwoptim_example")
+    inits: list[tuple[Any, ...]] = []
+    out = io.StringIO()
+    with mock.patch.dict(os.environ, {"HWOPTIM_DEVICE": "cpu", "LOCAL_RANK": str(rank)}), \
+            mock.patch.object(dist, "init_process_group", lambda *a, **k: inits.append(a)), \
+            mock.patch.object(dist, "destroy_process_group", lambda *a, **k: None), \
+            contextlib.redirect_stdout(out):
+        namespace["main"](["--steps", str(EXAMPLE_STEPS)])
+    return {"stdout": out.getvalue(), "init_args": inits}
+
+
+def fsdp1_gpu_rank(rank: int, world_size: int, store: str, out: str) -> None:
+    """One rank of the real-GPU FSDP1 test: counts FSDP1's collectives per micro-batch."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    backend = get_backend("cuda")
+    backend.set_device(rank)
+    dist.init_process_group(
+        backend.dist_backend, init_method=f"file://{store}", rank=rank, world_size=world_size
+    )
+    try:
+        fsdp = FullyShardedDataParallel(make_model().to(backend.device()))
+        wrapper = OptimWrapper(sgd(fsdp), accumulative_counts=ACC, clip_grad=CLIP)
+        wrapper.initialize_count_status(fsdp, 0, N_ITERS)
+        calls = [0]
+        # FSDP1 reduces gradients through these (torch/distributed/fsdp/_runtime_utils.py),
+        # and its clip_grad_norm_ all-reduces the norm.
+        originals = {n: getattr(dist, n) for n in ("reduce_scatter_single", "all_reduce")}
+
+        def counting(original: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                calls[0] += 1
+                return original(*args, **kwargs)
+
+            return call
+
+        for name, original in originals.items():
+            setattr(dist, name, counting(original))
+        counts = []
+        try:
+            for i in range(N_ITERS):
+                x, y = (t.to(backend.device()) for t in batch(i, rank))
+                before = calls[0]
+                with wrapper.optim_context(fsdp):
+                    loss = loss_fn(fsdp(x), y)
+                wrapper.update_params(loss)
+                counts.append(calls[0] - before)
+        finally:
+            for name, original in originals.items():
+                setattr(dist, name, original)
+        state = {k: v.detach().cpu().clone() for k, v in fsdp.state_dict().items()}
+        torch.save({"collectives": counts, "state": state}, Path(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
+    "ddp_mmengine": lambda rank, _: _ddp_accumulation(rank, "mmengine"),
+    "ddp_inside": lambda rank, _: _ddp_accumulation(rank, "inside"),
+    "ddp_compiled": lambda rank, _: _ddp_accumulation(rank, "mmengine", compiled=True),
+    "fsdp2_mmengine": lambda rank, _: _fsdp2_accumulation(rank, "mmengine"),
+    "fsdp2_inside": lambda rank, _: _fsdp2_accumulation(rank, "inside"),
+    "fsdp2_submodules": lambda rank, _: _fsdp2_accumulation(rank, "mmengine", shard_root=False),
+    "fsdp2_compiled": lambda rank, _: _fsdp2_accumulation(rank, "mmengine", compiled=True),
+    "fsdp2_fp16_sharded_scaler": lambda rank, _: _fsdp2_fp16_sharded_scaler(rank),
+    "fsdp2_fused_overflow": lambda rank, _: _fsdp2_fused_overflow(rank),
+    "example_ddp": lambda rank, _: _run_example(rank, "ddp.py"),
+    "example_fsdp2": lambda rank, _: _run_example(rank, "fsdp2.py"),
+    "ddp_uninterrupted": lambda rank, _: _ddp_uninterrupted(rank),
+    "ddp_checkpoint": _ddp_checkpoint,
+    "ddp_resumed": _ddp_resumed,
+}
+
+#: every scenario the first launch runs; ddp_resumed needs fresh processes, so a second one
+FIRST_LAUNCH = [name for name in SCENARIOS if name != "ddp_resumed"]
+
+if __name__ == "__main__":  # for debugging a scenario by hand: python tests/_dist_worker.py NAME
+    import sys
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())
+    launch(folder, sys.argv[1:] or FIRST_LAUNCH)
+    for path in sorted(folder.glob("*.pt")):
+        print(path.name, torch.load(path, weights_only=False))
+    print("results in", folder, os.linesep)

@@ -1,0 +1,203 @@
+"""hwoptim.backends.base.skip_gradient_sync: which modules a skip switches, for every kind
+of model, decided once per model. Stand-ins record the calls; tests/test_distributed.py
+proves the same against real DDP and FSDP2 collectives."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from hwoptim import OptimWrapper, get_backend
+from hwoptim.backends.base import skip_gradient_sync
+
+
+class FSDP2Like(nn.Linear):
+    """An FSDP2 module as far as hwoptim can tell: ``set_requires_gradient_sync``."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.sync = True
+        self.calls: list[tuple[bool, bool]] = []
+
+    def set_requires_gradient_sync(self, flag: bool, *, recurse: bool = True) -> None:
+        self.calls.append((flag, recurse))
+        self.sync = flag
+
+
+class ReplicateLike(nn.Linear):
+    """torch's composable replicate(): the same setter, without ``recurse``."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.sync = True
+
+    def set_requires_gradient_sync(self, flag: bool) -> None:
+        self.sync = flag
+
+
+class DDPLike(nn.Module):
+    """DDP or FSDP1 as far as hwoptim can tell: ``no_sync()``."""
+
+    def __init__(self, module: nn.Module | None = None) -> None:
+        super().__init__()
+        self.module = module or nn.Linear(2, 2)
+        self.sync = True
+        self.entered = 0
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self.entered += 1
+        self.sync = False
+        try:
+            yield
+        finally:
+            self.sync = True
+
+
+def test_fsdp2_submodules_of_an_unsharded_root_are_each_switched_off_and_back_on() -> None:
+    model = nn.Sequential(FSDP2Like(), nn.Tanh(), nn.Sequential(FSDP2Like()))
+    shards = [model[0], model[2][0]]
+    with skip_gradient_sync(model):
+        assert [m.sync for m in shards] == [False, False]
+    assert [m.sync for m in shards] == [True, True]
+    # each alone (recurse=False): the skip already lists every FSDP2 module
+    assert all(m.calls == [(False, False), (True, False)] for m in shards)
+
+
+def test_a_sharded_root_and_its_sharded_children_are_all_switched() -> None:
+    class ShardedRoot(FSDP2Like):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = FSDP2Like()
+
+    model = ShardedRoot()
+    with skip_gradient_sync(model):
+        assert (model.sync, model.block.sync) == (False, False)
+    assert (model.sync, model.block.sync) == (True, True)
+
+
+def test_a_setter_without_recurse_is_called_with_the_flag_only() -> None:
+    model = nn.Sequential(ReplicateLike())
+    with skip_gradient_sync(model):
+        assert model[0].sync is False
+    assert model[0].sync is True
+
+
+def test_a_root_with_no_sync_is_used_as_is() -> None:
+    model = DDPLike(nn.Sequential(DDPLike()))
+    with skip_gradient_sync(model):
+        assert model.sync is False
+    assert (model.entered, model.module[0].entered) == (1, 0)
+
+
+def test_separately_wrapped_submodules_of_a_plain_root_enter_each_no_sync() -> None:
+    # e.g. a GAN whose generator and discriminator are each wrapped in DDP
+    inner = DDPLike()
+    model = nn.ModuleDict({"g": DDPLike(nn.Sequential(inner)), "d": DDPLike()})
+    with skip_gradient_sync(model):
+        assert (model["g"].sync, model["d"].sync) == (False, False)
+    assert (model["g"].sync, model["d"].sync) == (True, True)
+    assert inner.entered == 0  # only the outermost wrappers
+
+
+def test_a_plain_module_needs_nothing() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+    for _ in range(2):  # first sight, then the remembered decision
+        assert isinstance(skip_gradient_sync(model), contextlib.nullcontext)
+
+
+def test_a_torch_compiled_model_is_looked_through() -> None:
+    model = nn.Sequential(FSDP2Like())
+    compiled = torch.compile(model)  # nothing is compiled until it is called
+    with skip_gradient_sync(compiled):
+        assert model[0].sync is False
+    assert model[0].sync is True
+
+
+def test_the_module_tree_is_walked_once_per_model() -> None:
+    walks = []
+
+    class Counting(nn.Sequential):
+        def modules(self) -> Iterator[nn.Module]:
+            walks.append(1)
+            return super().modules()
+
+    model = Counting(FSDP2Like())
+    for _ in range(5):
+        with skip_gradient_sync(model):
+            pass
+    assert len(walks) == 1
+    assert model[0].calls == [(False, False), (True, False)] * 5
+
+
+def test_the_decision_never_keeps_a_model_alive() -> None:
+    model = nn.Sequential(FSDP2Like(), DDPLike())
+    with skip_gradient_sync(model):
+        pass
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_replaced_submodule_is_found_again() -> None:
+    model = nn.Sequential(FSDP2Like())
+    with skip_gradient_sync(model):
+        pass
+    model[0] = FSDP2Like()  # the old one is gone: the remembered decision is stale
+    gc.collect()
+    with skip_gradient_sync(model):
+        assert model[0].sync is False
+    assert model[0].sync is True
+
+
+def test_objects_that_cannot_be_weakly_referenced_still_skip() -> None:
+    class Slotted:
+        __slots__ = ("sync",)
+
+        def __init__(self) -> None:
+            self.sync = True
+
+        def set_requires_gradient_sync(self, flag: bool) -> None:
+            self.sync = flag
+
+    model = Slotted()
+    with skip_gradient_sync(model):
+        assert model.sync is False
+    assert model.sync is True
+
+
+@pytest.mark.parametrize("pattern", ["mmengine", "inside"])
+def test_fsdp2_submodule_skip_lasts_until_the_backward_of_each_non_updating_micro_batch(
+    pattern: str,
+) -> None:
+    model = nn.Sequential(FSDP2Like(), nn.Tanh(), FSDP2Like())
+    seen: list[tuple[bool, bool]] = []
+    model[0].weight.register_hook(lambda g: seen.append((model[0].sync, model[2].sync)))
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+    wrapper.initialize_count_status(model, 0, 5)
+    for _ in range(5):
+        if pattern == "mmengine":
+            with wrapper.optim_context(model):
+                loss = model(torch.ones(1, 2)).sum()
+            wrapper.update_params(loss)
+        else:
+            with wrapper.optim_context(model):
+                wrapper.update_params(model(torch.ones(1, 2)).sum())
+    # windows [0,1] [2,3] [4]: sync off in the backward of 0 and 2 only, both modules
+    assert [a for a, _ in seen] == [False, True, False, True, True]
+    assert [b for _, b in seen] == [False, True, False, True, True]
+    assert (model[0].sync, model[2].sync) == (True, True)
+
+
+def test_every_built_in_backend_skips_through_the_shared_default() -> None:
+    model = nn.Sequential(FSDP2Like())
+    with get_backend("cpu").no_sync(model):
+        assert model[0].sync is False
+    assert model[0].sync is True
