@@ -19,7 +19,6 @@ devices the comparison uses mmengine's plain OptimWrapper, which makes the same 
 from __future__ import annotations
 
 import argparse
-import copy
 import warnings
 
 import torch
@@ -83,16 +82,14 @@ def compare_with_mmengine(cfg: dict, ours) -> None:
         return
     MMLogger.get_instance("example", log_level="WARNING")  # quiet: it logs each param's options
 
-    mm_cfg = copy.deepcopy(cfg)  # mmengine's OptimWrapper pops "type" out of clip_grad
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.cuda.amp.GradScaler
-            theirs = mm_build_optim_wrapper(Classifier(), mm_cfg)
+            theirs = mm_build_optim_wrapper(Classifier(), cfg)
     except AssertionError as exc:  # "AmpOptimWrapper is only available training on gpu, ..."
         print(f"mmengine: its AmpOptimWrapper refuses this machine ({exc}); "
               "comparing with its OptimWrapper instead")
-        mm_cfg = dict(copy.deepcopy(cfg), type="OptimWrapper")
-        theirs = mm_build_optim_wrapper(Classifier(), mm_cfg)
+        theirs = mm_build_optim_wrapper(Classifier(), dict(cfg, type="OptimWrapper"))
 
     def groups(wrapper):  # the optimizer's groups without the parameter tensors
         return wrapper.optimizer.state_dict()["param_groups"]
