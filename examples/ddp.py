@@ -11,6 +11,8 @@ batches; with ``--accumulative-counts k`` the gradients of k micro-batches are s
 locally and all-reduced once, on the micro-batch that updates.
 """
 
+# smoke-skip: tests/test_distributed.py   (needs two processes; run there in both ranks)
+
 from __future__ import annotations
 
 import argparse

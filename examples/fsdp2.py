@@ -18,6 +18,8 @@ The collective library and the device of each process come from hwoptim's backen
 (``HWOPTIM_DEVICE=cpu`` forces the CPU and gloo).
 """
 
+# smoke-skip: tests/test_distributed.py   (needs two processes; run there in both ranks)
+
 from __future__ import annotations
 
 import argparse

@@ -354,11 +354,12 @@ EXAMPLE_DONE = (
 
 
 @distributed
-@pytest.mark.parametrize("example", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("example", ["ddp.py", "fsdp2.py"])
 def test_example_trains_on_two_processes_with_the_backends_collective_library(
     runs: Runs, example: str
 ) -> None:
-    rank0, rank1 = runs(f"example_{example}")
+    """examples/ddp.py and examples/fsdp2.py, run in both ranks (test_examples skips them)."""
+    rank0, rank1 = runs(f"example_{example.removesuffix('.py')}")
     assert rank0["init_args"] == rank1["init_args"] == [("gloo",)]  # from backend.dist_backend
     assert EXAMPLE_DONE in rank0["stdout"]
     assert rank1["stdout"] == ""  # only rank 0 reports
