@@ -213,10 +213,8 @@ def _by_device_type(device_type: str) -> type[Backend] | None:
 
 def _generic_for(device_type: str) -> Any:
     """A backend class for a device torch knows but no backend claims, or None."""
-    try:
-        from hwoptim.backends.generic import generic_backend_for
-    except ImportError:
-        return None
+    from hwoptim.backends.generic import generic_backend_for  # it imports this module
+
     return generic_backend_for(device_type)
 
 
@@ -242,14 +240,11 @@ def _ensure_builtins() -> None:
     _builtins_loaded = True
     from hwoptim.backends.cpu import CpuBackend
     from hwoptim.backends.cuda import CudaBackend
+    from hwoptim.backends.mps import MpsBackend
+    from hwoptim.backends.npu import NpuBackend
+    from hwoptim.backends.xpu import XpuBackend
 
-    builtins: list[type[Backend]] = [CpuBackend, CudaBackend]
-    try:
-        from hwoptim.backends import mps, npu, xpu
-
-        builtins += [mps.MpsBackend, xpu.XpuBackend, npu.NpuBackend]
-    except ImportError:
-        pass
+    builtins: list[type[Backend]] = [CpuBackend, CudaBackend, MpsBackend, XpuBackend, NpuBackend]
     for cls in builtins:
         _registry.setdefault(cls.name, cls)
         _origins.setdefault(cls.name, "built-in")
