@@ -250,18 +250,22 @@ def _ensure_builtins() -> None:
         _origins.setdefault(cls.name, "built-in")
 
 
+def _entry_points(group: str) -> list[Any]:
+    """The installed entry points of ``group`` (hwoptim.testing reads its own group too)."""
+    from importlib.metadata import entry_points
+
+    try:
+        return list(entry_points(group=group))
+    except TypeError:  # Python 3.9's entry_points() takes no group
+        return list(entry_points().get(group, []))  # type: ignore[attr-defined]
+
+
 def _ensure_plugins() -> None:
     global _plugins_loaded
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    from importlib.metadata import entry_points
-
-    try:
-        eps = list(entry_points(group=ENTRY_POINT_GROUP))
-    except TypeError:  # Python 3.9's entry_points() takes no group
-        eps = list(entry_points().get(ENTRY_POINT_GROUP, []))  # type: ignore[attr-defined]
-    for ep in eps:
+    for ep in _entry_points(ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
         origin = f"{dist.name} {dist.version}" if dist is not None else ep.value
         try:

@@ -22,7 +22,7 @@ import inspect
 import sys
 import threading
 import types
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, overload
 
 import torch
 
@@ -51,6 +51,18 @@ class VendorCall(NamedTuple):
     name: str
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = {}  # noqa: RUF012 -- never mutated: one per call
+
+
+@overload
+def register_stand_in(
+    name: str, install: None = None, *, backend: str | None = None, override: bool = False
+) -> Callable[[StandIn], StandIn]: ...
+
+
+@overload
+def register_stand_in(
+    name: str, install: StandIn, *, backend: str | None = None, override: bool = False
+) -> StandIn: ...
 
 
 def register_stand_in(
@@ -232,9 +244,9 @@ class VendorMock:
         module.__dict__.update(members or {})
         self._modules[name] = (module, on_import)
         if self._finder is None:
-            self._finder = _StandInFinder(self)
-            sys.meta_path.insert(0, self._finder)
-            self._undo.append(lambda: sys.meta_path.remove(self._finder))
+            finder = self._finder = _StandInFinder(self)
+            sys.meta_path.insert(0, finder)
+            self._undo.append(lambda: sys.meta_path.remove(finder))
         prefix = name + "."
         hidden = {
             key: sys.modules.pop(key)
@@ -416,13 +428,7 @@ def _load_stand_ins() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    from importlib.metadata import entry_points
-
-    try:
-        eps = list(entry_points(group=STAND_IN_GROUP))
-    except TypeError:  # Python 3.9's entry_points() takes no group
-        eps = list(entry_points().get(STAND_IN_GROUP, []))  # type: ignore[attr-defined]
-    for ep in eps:
+    for ep in registry._entry_points(STAND_IN_GROUP):
         if ep.name not in _stand_ins:
             # A broken stand-in fails here, in a test, where its traceback belongs.
             register_stand_in(ep.name, ep.load())

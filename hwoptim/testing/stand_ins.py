@@ -63,10 +63,9 @@ def mps(mock: VendorMock) -> None:
 def npu(mock: VendorMock) -> None:
     """An importable torch_npu whose import creates torch.npu and torch.version.cann,
     with torch_npu's own GradScaler at torch_npu.npu.amp.GradScaler."""
-    device = mock.device_module("torch.npu")
-    device.amp = mock.namespace(
-        "torch_npu.npu.amp", GradScaler=mock.grad_scaler_class("torch_npu.npu.amp.GradScaler")
-    )
+    scaler = mock.grad_scaler_class("torch_npu.npu.amp.GradScaler")
+    amp = mock.namespace("torch_npu.npu.amp", GradScaler=scaler)
+    device = mock.device_module("torch.npu", amp=amp)
 
     def imported(module: types.ModuleType) -> None:
         mock.patch(torch, "npu", device)

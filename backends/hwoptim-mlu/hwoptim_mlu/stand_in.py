@@ -17,9 +17,8 @@ MOCK_VERSION = "0.0+hwoptim.mock"
 
 def install(mock: VendorMock) -> None:
     """Make torch_mlu importable, with torch.mlu as the mock's devices."""
-    mlu = mock.device_module("torch.mlu")
     scaler = mock.grad_scaler_class("torch.mlu.amp.GradScaler")
-    mlu.amp = mock.namespace("torch.mlu.amp", GradScaler=scaler)
+    mlu = mock.device_module("torch.mlu", amp=mock.namespace("torch.mlu.amp", GradScaler=scaler))
 
     def imported(module: types.ModuleType) -> None:
         mock.patch(torch, "mlu", mlu)
