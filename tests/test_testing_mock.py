@@ -262,3 +262,21 @@ def test_stand_ins_load_from_the_entry_point_group(
     with mock_backend("toy") as mock:
         assert isinstance(get_backend("auto"), ToyBackend)
     assert "torch.toy.is_available" in mock.call_names()
+
+
+def test_a_built_in_stand_in_is_replaced_only_on_purpose(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hwoptim.testing import stand_ins
+
+    monkeypatch.setattr(mock_module, "_stand_ins", dict(mock_module._stand_ins))
+    with pytest.raises(ValueError, match="a stand-in for 'npu' is already registered"):
+        register_stand_in("npu", lambda mock: None)
+    installed: list[str] = []
+
+    @register_stand_in("npu", override=True)
+    def npu_with_note(mock: VendorMock) -> None:
+        stand_ins.npu(mock)
+        installed.append(mock.name)
+
+    with mock_backend("npu"):
+        assert get_backend("auto").name == "npu"
+    assert installed == ["npu"]

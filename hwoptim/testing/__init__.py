@@ -9,6 +9,7 @@
 Importing this package needs no pytest; only the conformance suite and the plugin do.
 """
 
+from hwoptim.testing import stand_ins as _built_in_stand_ins  # noqa: F401 (registers them)
 from hwoptim.testing.mock import (
     VendorCall,
     VendorMock,

@@ -421,10 +421,9 @@ def _find_stand_in(name: str) -> tuple[StandIn, str]:
 
 
 def _load_stand_ins() -> None:
-    """Register the built-in stand-ins and, once, those plugins declare as entry points."""
+    """Register, once, the stand-ins plugins declare as entry points. (The built-in ones
+    registered themselves when hwoptim.testing was imported.)"""
     global _entry_points_loaded
-    from hwoptim.testing import stand_ins  # noqa: F401 -- registers the built-in ones
-
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
