@@ -25,7 +25,7 @@ def environment_report() -> dict[str, Any]:
     import hwoptim
     from hwoptim.backends import registry
 
-    classes = [(cls, registry.backend_origin(name)) for name, cls in registry.list_backends().items()]
+    classes = [(c, registry.backend_origin(n)) for n, c in registry.list_backends().items()]
     accelerator = registry._current_accelerator()
     generic = None if accelerator is None else registry._generic_for(accelerator)
     if generic is not None:  # torch's accelerator, which no backend claims
