@@ -3,7 +3,9 @@ record every vendor call, and leave nothing behind."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import textwrap
 import types
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -130,6 +132,23 @@ def test_the_vendor_module_is_imported_only_when_the_backend_is_asked_for() -> N
         get_backend("npu")
         assert mock.call_names()[0] == "import torch_npu"
         assert hasattr(torch, "npu")
+
+
+def test_torch_imports_its_compiler_stack_against_the_real_device_modules() -> None:
+    # torch imports torch._dynamo lazily, with the first optimizer, and probes
+    # torch.xpu._is_compiled() while doing so; a fake answer broke that import once.
+    script = textwrap.dedent("""
+        import sys, torch
+        from hwoptim.testing import mock_backend
+
+        assert "torch._dynamo" not in sys.modules
+        with mock_backend("xpu"):
+            assert torch.xpu._is_compiled() is torch._C._has_xpu  # a build fact: never faked
+            torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()).step()
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_a_vendor_api_the_stand_in_lacks_fails_naming_it() -> None:

@@ -293,6 +293,10 @@ class VendorMock:
     def __enter__(self) -> VendorMock:
         if self._state != "new":
             raise RuntimeError(f"this mock_backend({self.name!r}) was already used; make a new one")
+        # torch imports its compiler stack lazily (the first optimizer does) and probes the
+        # device modules while doing so: let it do that against the real ones, not the fakes.
+        import torch._dynamo  # noqa: F401
+
         with registry._lock:
             for other in _active:
                 if other.name == self.name or other.backend_name == self.backend_name:

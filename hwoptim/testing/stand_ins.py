@@ -4,6 +4,10 @@ Each one fakes exactly the vendor surface its backend touches, the way the real 
 provides it: torch_npu is an importable module whose import creates ``torch.npu``;
 ``torch.cuda``, ``torch.xpu``, ``torch.mps`` and ``torch.backends.mps`` are replaced
 (torch's own internals still reach the real modules for anything not faked).
+
+Facts about the torch build (``torch.xpu._is_compiled``, ``torch.backends.mps.is_built``)
+are never faked: torch reads them to decide what to import from its C extension, which
+this build does not have.
 """
 
 from __future__ import annotations
@@ -31,9 +35,8 @@ def cuda(mock: VendorMock) -> None:
 
 @register_stand_in("xpu")
 def xpu(mock: VendorMock) -> None:
-    """torch.xpu as an XPU build of torch has it."""
-    module = mock.device_module("torch.xpu", real=torch.xpu, _is_compiled=lambda: True)
-    mock.patch(torch, "xpu", module)
+    """torch.xpu as an XPU build of torch has it, with the mock's GPUs."""
+    mock.patch(torch, "xpu", mock.device_module("torch.xpu", real=torch.xpu))
     mock.patch(torch.version, "xpu", MOCK_VERSION)
 
 
@@ -44,7 +47,6 @@ def mps(mock: VendorMock) -> None:
         "torch.backends.mps",
         real=torch.backends.mps,
         is_available=lambda: True,
-        is_built=lambda: True,
         is_macos_or_newer=lambda major, minor: (major, minor) <= (14, 0),
         get_name=lambda: "hwoptim mock of an Apple GPU",
     )
