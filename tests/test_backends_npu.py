@@ -95,7 +95,7 @@ def test_torch_npu_without_a_device_says_to_check_the_driver(
         mock.vendor_module("torch_npu", on_import=lambda m: mock.patch(torch, "npu", device))
 
     monkeypatch.setitem(mock_module._stand_ins, "npu-empty", (no_device, "npu"))
-    message = r"torch_npu is installed but no NPU is visible.*npu-smi"
+    message = r"torch_npu is installed but no npu device is visible to this process \(check npu-smi"
     with mock_backend("npu-empty", select=False), pytest.raises(RuntimeError, match=message):
         get_backend("npu")
 

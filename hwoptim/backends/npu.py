@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 
 from hwoptim.backends.base import Backend
-
-
-def _import_torch_npu() -> tuple[Any, str | None]:
-    """(torch_npu or None, why not). Importing it is what creates torch.npu."""
-    try:
-        return importlib.import_module("torch_npu"), None
-    except ImportError as exc:
-        return None, f"torch_npu is not installed ({exc})"
-    except Exception as exc:  # installed but broken: CANN libraries missing, version clash
-        return None, f"torch_npu is installed but failed to import: {type(exc).__name__}: {exc}"
 
 
 class NpuBackend(Backend):
@@ -28,23 +17,12 @@ class NpuBackend(Backend):
     priority = 80
     dist_backend = "hccl"
     default_dtype = torch.float16
+    vendor_module = "torch_npu"  # its import creates torch.npu
     install_hint = (
         'pip install "hwoptim[npu]" (torch_npu; it needs the Ascend driver, the CANN '
         "toolkit sourced with set_env.sh, and a torch_npu release matching your torch)"
     )
-
-    def _module(self) -> Any:
-        torch_npu, _ = _import_torch_npu()
-        return None if torch_npu is None else getattr(torch, "npu", None)
-
-    def unavailable_reason(self) -> str:
-        torch_npu, why = _import_torch_npu()
-        if torch_npu is None:
-            return f"{why}; {self.install_hint}"
-        return (
-            "torch_npu is installed but no NPU is visible (check npu-smi info, the CANN "
-            "environment and ASCEND_RT_VISIBLE_DEVICES)"
-        )
+    no_device_hint = "check npu-smi info, the CANN environment and ASCEND_RT_VISIBLE_DEVICES"
 
     @property
     def amp_dtypes(self) -> tuple[torch.dtype, ...]:
@@ -60,11 +38,11 @@ class NpuBackend(Backend):
     def grad_scaler(self, sharded: bool = False, **kwargs: Any) -> torch.amp.GradScaler:
         if sharded:
             return super().grad_scaler(sharded=True, **kwargs)
-        torch_npu, _ = _import_torch_npu()
+        torch_npu, _ = self._import_vendor()
         return torch_npu.npu.amp.GradScaler(**kwargs)  # type: ignore[no-any-return]
 
     def vendor_versions(self) -> dict[str, str]:
-        torch_npu, _ = _import_torch_npu()
+        torch_npu, _ = self._import_vendor()
         versions = {"torch_npu": str(getattr(torch_npu, "__version__", "?"))}
         cann = getattr(torch.version, "cann", None)  # set by torch_npu
         if cann is not None:

@@ -6,7 +6,6 @@ torch_mlu is imported only when this backend is asked for; importing it is what 
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
@@ -15,16 +14,6 @@ from hwoptim import Backend
 
 __all__ = ["MluBackend"]
 __version__ = "0.1.0"
-
-
-def _import_torch_mlu() -> tuple[Any, str | None]:
-    """(torch_mlu or None, why not)."""
-    try:
-        return importlib.import_module("torch_mlu"), None
-    except ImportError as exc:
-        return None, f"torch_mlu is not installed ({exc})"
-    except Exception as exc:  # installed but broken: CNToolkit missing, version clash
-        return None, f"torch_mlu failed to import: {type(exc).__name__}: {exc}"
 
 
 class MluBackend(Backend):
@@ -36,20 +25,12 @@ class MluBackend(Backend):
     dist_backend = "cncl"
     supported_amp_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     default_dtype = torch.float16
+    vendor_module = "torch_mlu"  # its import creates torch.mlu
     install_hint = (
         "install Cambricon's torch_mlu for your torch version together with the "
         "CNToolkit and driver, then pip install hwoptim-mlu"
     )
-
-    def _module(self) -> Any:
-        torch_mlu, _ = _import_torch_mlu()
-        return None if torch_mlu is None else getattr(torch, "mlu", None)
-
-    def unavailable_reason(self) -> str:
-        torch_mlu, why = _import_torch_mlu()
-        if torch_mlu is None:
-            return f"{why}; {self.install_hint}"
-        return "torch_mlu is installed but no MLU is visible (check cnmon and MLU_VISIBLE_DEVICES)"
+    no_device_hint = "check cnmon and MLU_VISIBLE_DEVICES"
 
     def grad_scaler(self, sharded: bool = False, **kwargs: Any) -> torch.amp.GradScaler:
         if sharded:
@@ -57,5 +38,4 @@ class MluBackend(Backend):
         return self._module().amp.GradScaler(**kwargs)  # type: ignore[no-any-return]
 
     def vendor_versions(self) -> dict[str, str]:
-        torch_mlu, _ = _import_torch_mlu()
-        return {"torch_mlu": str(getattr(torch_mlu, "__version__", "unknown"))}
+        return {"torch_mlu": str(getattr(self._import_vendor()[0], "__version__", "unknown"))}
