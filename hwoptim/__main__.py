@@ -25,20 +25,24 @@ def environment_report() -> dict[str, Any]:
     import hwoptim
     from hwoptim.backends import registry
 
+    classes = [(c, registry.backend_origin(n)) for n, c in registry.list_backends().items()]
+    accelerator = registry._current_accelerator()
+    generic = None if accelerator is None else registry._generic_for(accelerator)
+    if generic is not None:  # torch's accelerator, which no backend claims
+        classes.insert(0, (generic, "generic (torch.accelerator)"))
     backends = []
-    for name, cls in registry.list_backends().items():
+    for cls, origin in classes:
         try:
             facts = cls().describe()
         except Exception as exc:  # a report must never fail on one bad backend
-            facts = {"name": name, "available": False, "reason": f"describe() failed: {exc!r}"}
-        facts["origin"] = registry.backend_origin(name)
+            facts = {"name": cls.name, "available": False, "reason": f"describe() failed: {exc!r}"}
+        facts["origin"] = origin
         backends.append(facts)
     try:
         auto: str | None = registry.get_backend("auto").name
         auto_error = None
     except Exception as exc:
         auto, auto_error = None, str(exc)
-    accelerator = registry._current_accelerator()
     return {
         "hwoptim": hwoptim.__version__,
         "python": platform.python_version(),
@@ -87,6 +91,9 @@ def _format_report(report: dict[str, Any]) -> str:
     why = [(b["name"], b["reason"]) for b in report["backends"] if not b.get("available")]
     if why:
         lines += ["", "not available:"] + [f"  {n}: {r}" for n, r in why]
+    builds = [(b["name"], b["build"]) for b in report["backends"] if b.get("build")]
+    if builds:
+        lines += ["", "torch builds:"] + [f"  {n}: {build}" for n, build in builds]
     versions = [(b["name"], b.get("versions") or {}) for b in report["backends"]]
     if any(v for _, v in versions):
         lines += ["", "versions:"] + [

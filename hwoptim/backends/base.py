@@ -9,6 +9,7 @@ device module torch (or the vendor) installs as ``torch.<device_type>``.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import weakref
 from collections.abc import Iterator
@@ -63,6 +64,11 @@ class Backend:
     default_dtype: ClassVar[torch.dtype] = torch.float16
     #: what a user installs to get this backend, e.g. 'pip install "hwoptim[npu]"'
     install_hint: ClassVar[str] = ""
+    #: the vendor module whose import creates ``torch.<device_type>`` ("torch_npu"), or "".
+    #: It is imported when the backend is first asked about, never at ``import hwoptim``.
+    vendor_module: ClassVar[str] = ""
+    #: what to check when the software is there but no device is, e.g. "check npu-smi info"
+    no_device_hint: ClassVar[str] = ""
 
     def __init__(self, index: int | None = None) -> None:
         self.index = index
@@ -85,8 +91,13 @@ class Backend:
 
     def unavailable_reason(self) -> str:
         """One sentence on why ``is_available()`` is False and what to do about it."""
-        hint = f"; {self.install_hint}" if self.install_hint else ""
-        return f"no {self.name} device is visible to this process{hint}"
+        install = f"; {self.install_hint}" if self.install_hint else ""
+        vendor, import_error = self._import_vendor()
+        if import_error is not None:
+            return f"{import_error}{install}"
+        installed = f"{self.vendor_module} is installed but " if vendor is not None else ""
+        check = f" ({self.no_device_hint})" if self.no_device_hint else install
+        return f"{installed}no {self.name} device is visible to this process{check}"
 
     @property
     def amp_dtypes(self) -> tuple[torch.dtype, ...]:
@@ -102,7 +113,23 @@ class Backend:
 
     def _module(self) -> Any:
         """The device module (torch.cuda, torch.xpu, torch.npu, ...) or None."""
+        if self.vendor_module and self._import_vendor()[0] is None:
+            return None
         return getattr(torch, self.device_type, None)
+
+    def _import_vendor(self) -> tuple[Any, str | None]:
+        """(``vendor_module`` imported, or None; why not, or None). Never raises."""
+        if not self.vendor_module:
+            return None, None
+        try:
+            return importlib.import_module(self.vendor_module), None
+        except ImportError as exc:
+            return None, f"{self.vendor_module} is not installed ({exc})"
+        except Exception as exc:  # installed but broken: vendor libraries missing, version clash
+            return None, (
+                f"{self.vendor_module} is installed but failed to import: "
+                f"{type(exc).__name__}: {exc}"
+            )
 
     def device(self, index: int | None = None) -> torch.device:
         """The torch.device tensors should go to (the current one when no index is known)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from hwoptim.backends.base import Backend
@@ -37,16 +39,30 @@ class CudaBackend(Backend):
                 f"this torch {torch.__version__} is a CPU-only build; "
                 "install a CUDA or ROCm build of torch from https://pytorch.org"
             )
-        return "torch was built with CUDA but no GPU is visible (check drivers and CUDA_VISIBLE_DEVICES)"
+        return (
+            "torch was built with CUDA but no GPU is visible "
+            "(check drivers and CUDA_VISIBLE_DEVICES)"
+        )
 
     def vendor_versions(self) -> dict[str, str]:
         versions: dict[str, str] = {}
         if torch.version.hip is not None:
             versions["rocm (hip)"] = str(torch.version.hip)
-            versions["note"] = "ROCm build: AMD GPUs appear as device type 'cuda'"
         if torch.version.cuda is not None:
             versions["cuda"] = str(torch.version.cuda)
         cudnn = getattr(torch.backends, "cudnn", None)
         if cudnn is not None and cudnn.is_available():
             versions["cudnn"] = str(cudnn.version())
         return versions
+
+    def describe(self) -> dict[str, Any]:
+        facts = super().describe()
+        # ROCm builds of torch call AMD GPUs "cuda": say which build this is, so that
+        # a report from an AMD machine is not read as an NVIDIA one.
+        if torch.version.hip is not None:
+            facts["build"] = f"ROCm {torch.version.hip}: AMD GPUs appear as device type 'cuda'"
+        elif torch.version.cuda is not None:
+            facts["build"] = f"CUDA {torch.version.cuda}"
+        else:
+            facts["build"] = "CPU-only torch build"
+        return facts

@@ -213,10 +213,8 @@ def _by_device_type(device_type: str) -> type[Backend] | None:
 
 def _generic_for(device_type: str) -> Any:
     """A backend class for a device torch knows but no backend claims, or None."""
-    try:
-        from hwoptim.backends.generic import generic_backend_for
-    except ImportError:
-        return None
+    from hwoptim.backends.generic import generic_backend_for  # it imports this module
+
     return generic_backend_for(device_type)
 
 
@@ -242,17 +240,24 @@ def _ensure_builtins() -> None:
     _builtins_loaded = True
     from hwoptim.backends.cpu import CpuBackend
     from hwoptim.backends.cuda import CudaBackend
+    from hwoptim.backends.mps import MpsBackend
+    from hwoptim.backends.npu import NpuBackend
+    from hwoptim.backends.xpu import XpuBackend
 
-    builtins: list[type[Backend]] = [CpuBackend, CudaBackend]
-    try:
-        from hwoptim.backends import mps, npu, xpu
-
-        builtins += [mps.MpsBackend, xpu.XpuBackend, npu.NpuBackend]
-    except ImportError:
-        pass
+    builtins: list[type[Backend]] = [CpuBackend, CudaBackend, MpsBackend, XpuBackend, NpuBackend]
     for cls in builtins:
         _registry.setdefault(cls.name, cls)
         _origins.setdefault(cls.name, "built-in")
+
+
+def _entry_points(group: str) -> list[Any]:
+    """The installed entry points of ``group`` (hwoptim.testing reads its own group too)."""
+    from importlib.metadata import entry_points
+
+    try:
+        return list(entry_points(group=group))
+    except TypeError:  # Python 3.9's entry_points() takes no group
+        return list(entry_points().get(group, []))  # type: ignore[attr-defined]
 
 
 def _ensure_plugins() -> None:
@@ -260,13 +265,7 @@ def _ensure_plugins() -> None:
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    from importlib.metadata import entry_points
-
-    try:
-        eps = list(entry_points(group=ENTRY_POINT_GROUP))
-    except TypeError:  # Python 3.9's entry_points() takes no group
-        eps = list(entry_points().get(ENTRY_POINT_GROUP, []))  # type: ignore[attr-defined]
-    for ep in eps:
+    for ep in _entry_points(ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
         origin = f"{dist.name} {dist.version}" if dist is not None else ep.value
         try:

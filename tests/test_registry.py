@@ -1,0 +1,197 @@
+"""The registry: how "auto" chooses among present devices, HWOPTIM_DEVICE, entry-point
+plugins (a broken one warns and breaks nothing), overrides and unavailable messages."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from hwoptim import Backend, get_backend, list_backends, register_backend
+from hwoptim.backends import registry
+from hwoptim.backends.cpu import CpuBackend
+from hwoptim.backends.cuda import CudaBackend
+from hwoptim.backends.registry import backend_origin, plugin_errors, unregister_backend
+from hwoptim.testing import mock_backend
+
+
+@contextlib.contextmanager
+def present(*names: str, device_count: int = 1) -> Iterator[None]:
+    """These backends' hardware is "present" (mocked), but none is forced on auto."""
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(mock_backend(name, device_count=device_count, select=False))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def no_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+
+
+# -- device="auto" ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (("mps", "npu", "xpu", "cuda"), "cuda"),
+        (("mps", "npu", "xpu"), "xpu"),
+        (("mps", "npu"), "npu"),
+        (("npu", "mps"), "npu"),
+        (("mps",), "mps"),
+        ((), "cpu"),
+    ],
+)
+def test_auto_takes_the_present_backend_of_highest_priority(
+    names: tuple[str, ...], expected: str
+) -> None:
+    with present(*names):
+        assert get_backend("auto").name == expected
+        assert get_backend(None).name == expected
+    assert get_backend("auto").name == "cpu"
+
+
+def test_auto_order_is_cuda_xpu_npu_mps_then_cpu_last() -> None:
+    ordered = [name for name in list_backends() if name in {"cuda", "xpu", "npu", "mps", "cpu"}]
+    assert ordered == ["cuda", "xpu", "npu", "mps", "cpu"]
+    assert list(list_backends())[-1] == "cpu"
+
+
+def test_torchs_current_accelerator_comes_before_priority() -> None:
+    # The generic stand-in makes torch report a PrivateUse1 accelerator no backend claims.
+    with present("cuda", "generic"):
+        assert get_backend("auto").name == "privateuseone"
+
+
+def test_hwoptim_device_wins_over_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    with present("cuda", "npu", "mps", device_count=2):
+        monkeypatch.setenv(registry.ENV_VAR, "mps")
+        assert get_backend("auto").name == "mps"
+        monkeypatch.setenv(registry.ENV_VAR, "npu:1")
+        backend = get_backend("auto")
+        assert (backend.name, backend.index) == ("npu", 1)
+        monkeypatch.setenv(registry.ENV_VAR, "cpu")
+        assert get_backend("auto").name == "cpu"
+        monkeypatch.setenv(registry.ENV_VAR, "auto")
+        assert get_backend("auto").name == "cuda"
+
+
+def test_hwoptim_device_naming_an_absent_device_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(registry.ENV_VAR, "npu")
+    with present("cuda"), pytest.raises(RuntimeError, match=r"HWOPTIM_DEVICE='npu'.*torch_npu"):
+        get_backend("auto")
+    monkeypatch.setenv(registry.ENV_VAR, "tpu")
+    with pytest.raises(ValueError, match=r"HWOPTIM_DEVICE='tpu': unknown device 'tpu'"):
+        get_backend("auto")
+
+
+def test_a_selecting_mock_wins_over_hwoptim_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(registry.ENV_VAR, "cpu")
+    with mock_backend("npu"):
+        assert get_backend("auto").name == "npu"
+
+
+# -- names, indices, messages ----------------------------------------------------------------
+
+
+def test_unknown_name_lists_the_registered_backends() -> None:
+    message = r"unknown device 'tpu'; registered backends: .*'mps'.*'npu'"
+    with pytest.raises(ValueError, match=message):
+        get_backend("tpu")
+
+
+@pytest.mark.parametrize("spec", ["meta", "distributed", "backends"])
+def test_torch_names_that_are_no_accelerator_are_unknown(spec: str) -> None:
+    with pytest.raises(ValueError, match="unknown device"):
+        get_backend(spec)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("npu", r'torch_npu is not installed.*pip install "hwoptim\[npu\]".*CANN'),
+        ("xpu", r"no XPU support.*download\.pytorch\.org/whl/xpu"),
+        ("mps", r"no MPS support.*macOS 12\.3\+ on Apple silicon"),
+        ("cuda", r"CPU-only build.*CUDA or ROCm build"),
+        ("privateuseone", r"no usable 'privateuseone' accelerator.*current accelerator is none"),
+    ],
+)
+def test_an_unavailable_backend_says_what_is_missing(name: str, message: str) -> None:
+    cls = list_backends().get(name)
+    if cls is not None and cls().is_available():
+        pytest.skip(f"{name} is available here")
+    if name == "npu" and importlib.util.find_spec("torch_npu") is not None:
+        pytest.skip("torch_npu is installed here")
+    with pytest.raises(RuntimeError, match=rf"the '{name}' backend is not available: .*{message}"):
+        get_backend(name)
+
+
+def test_an_index_past_the_devices_is_an_error() -> None:
+    with present("npu", device_count=2):
+        assert get_backend("npu:1").index == 1
+        assert get_backend(" NPU:0 ").index == 0
+        with pytest.raises(ValueError, match=r"device npu:2 does not exist.*2 npu device\(s\)"):
+            get_backend("npu:2")
+
+
+def test_a_torch_device_resolves_like_its_string() -> None:
+    with present("generic", device_count=2):
+        backend = get_backend(torch.device("privateuseone", 1))
+        assert (backend.name, backend.index) == ("privateuseone", 1)
+
+
+# -- plugins through the entry point -----------------------------------------------------------
+
+
+def test_plugins_register_through_the_entry_point_with_their_package(plugin_dist: None) -> None:
+    with pytest.warns(RuntimeWarning):
+        backends = list_backends()
+    assert backends["alpha"].dist_backend == "alphaccl"
+    assert "beta" in backends  # an entry point may be a callable returning classes
+    assert backend_origin("alpha") == backend_origin("beta") == "fake-hwoptim-plugin 1.0"
+    assert backend_origin("npu") == "built-in"
+
+
+def test_a_broken_plugin_warns_by_name_and_breaks_nothing(plugin_dist: None) -> None:
+    with pytest.warns(RuntimeWarning) as caught:
+        backends = list_backends()
+    messages = [str(w.message) for w in caught]
+    assert any("'broken'" in m and "libvendor.so" in m and "skipped" in m for m in messages)
+    assert any("'clash'" in m and "already registered" in m for m in messages)
+    assert len(messages) == 2  # one warning per failed plugin
+    assert {"alpha", "beta", "cpu", "cuda", "npu"} <= set(backends)
+    assert backends["cpu"] is CpuBackend  # the clash did not replace the built-in
+    assert [name for name, _ in plugin_errors()] == ["broken", "clash"]
+    assert get_backend("cpu").name == "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plugins load once: no second round of warnings
+        list_backends()
+
+
+def test_override_replaces_a_built_in_on_purpose(fresh_registry: None) -> None:
+    class TunedCuda(CudaBackend):
+        pass
+
+    with pytest.raises(ValueError, match=r"'cuda' is already registered.*override=True"):
+        register_backend(TunedCuda)
+    register_backend(TunedCuda, override=True)
+    assert list_backends()["cuda"] is TunedCuda
+    assert backend_origin("cuda") == "user"
+    assert unregister_backend("cuda") is TunedCuda
+    assert "cuda" not in list_backends()
+
+
+def test_register_backend_checks_what_it_is_given(fresh_registry: None) -> None:
+    with pytest.raises(TypeError, match="Backend subclass"):
+        register_backend(object)  # type: ignore[arg-type]
+
+    class Nameless(Backend):
+        pass
+
+    with pytest.raises(ValueError, match="must set both 'name' and 'device_type'"):
+        register_backend(Nameless)

@@ -1,0 +1,84 @@
+"""hwoptim's pytest plugin: --hwoptim-device runs a suite per device, real or mocked, and
+hwoptim_mock_backend mocks a backend for one test."""
+
+from __future__ import annotations
+
+import pytest
+
+SUITE = """
+    import os
+    from hwoptim import get_backend
+
+    def test_device(hwoptim_device):
+        auto = get_backend("auto")
+        print(f"RAN name={hwoptim_device.name} auto={auto.name} "
+              f"device={hwoptim_device.device()} env={os.environ.get('HWOPTIM_DEVICE')}")
+        assert auto.name == hwoptim_device.name
+"""
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    # Hypothesis's own plugin spends seconds in every inner session's summary: leave it out.
+    return pytester.runpytest_inprocess("-p", "no:hypothesispytest", *args)
+
+
+def ran(result: pytest.RunResult) -> list[str]:
+    return sorted(line.split("RAN ", 1)[1] for line in result.outlines if "RAN " in line)
+
+
+def test_one_run_per_device_given(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(SUITE)
+    devices = ["--hwoptim-device=mock:npu", "--hwoptim-device=cpu", "--hwoptim-device=mock:xpu"]
+    result = run(pytester, "-s", "-v", *devices)
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*::test_device?mock:npu? RAN*", "*::test_device?cpu? RAN*"])
+    assert ran(result) == [
+        "name=cpu auto=cpu device=cpu env=cpu",
+        "name=npu auto=npu device=cpu env=None",
+        "name=xpu auto=xpu device=cpu env=None",
+    ]
+
+
+def test_without_the_option_it_is_auto(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(SUITE)
+    result = run(pytester, "-s")
+    result.assert_outcomes(passed=1)
+    assert ran(result) == ["name=cpu auto=cpu device=cpu env=None"]
+
+
+def test_an_absent_device_is_skipped_with_its_reason(pytester: pytest.Pytester) -> None:
+    from hwoptim.backends.npu import NpuBackend
+
+    if NpuBackend().is_available():
+        pytest.skip("an NPU is available here")
+    pytester.makepyfile(SUITE)
+    result = run(pytester, "-rs", "--hwoptim-device=npu")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*--hwoptim-device=npu: the 'npu' backend is not available*"])
+
+
+def test_an_unknown_device_is_an_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(SUITE)
+    result = run(pytester, "--hwoptim-device=tpu")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*unknown device 'tpu'*"])
+
+
+def test_hwoptim_mock_backend_lasts_for_its_test_only(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import torch
+        from hwoptim import get_backend
+
+        def test_mocked(hwoptim_mock_backend):
+            mock = hwoptim_mock_backend("npu", device_count=2)
+            hwoptim_mock_backend("xpu", select=False)
+            assert get_backend("auto").name == "npu"
+            assert get_backend("npu").device_count() == 2
+            assert get_backend("xpu").device() == torch.device("cpu")
+            assert "import torch_npu" in mock.call_names()
+
+        def test_after():
+            assert not hasattr(torch, "npu")
+            assert get_backend("auto").name == "cpu"
+    """)
+    run(pytester).assert_outcomes(passed=2)
