@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -53,7 +54,7 @@ def environment_report() -> dict[str, Any]:
         "current_accelerator": accelerator,
         "auto": auto,
         "auto_error": auto_error,
-        "env_override": registry.os.environ.get(registry.ENV_VAR) or None,
+        "env_override": os.environ.get(registry.ENV_VAR) or None,
         "backends": backends,
         "plugin_errors": [{"entry_point": n, "error": e} for n, e in registry.plugin_errors()],
     }
@@ -133,7 +134,7 @@ def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]
     except ImportError:
         return None
     return tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stdout)

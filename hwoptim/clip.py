@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import Tensor
@@ -166,14 +166,14 @@ class ClipGrad:
 def _total_norm_fn() -> Callable[[list[Tensor], bool | None], Tensor]:
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if get_total_norm is not None:
-        return lambda grads, foreach: get_total_norm(grads, 2.0, False, foreach)
+        return lambda grads, foreach: cast(Tensor, get_total_norm(grads, 2.0, False, foreach))
 
     def fallback(grads: list[Tensor], foreach: bool | None) -> Tensor:  # torch < 2.6
         if not grads:
             return torch.tensor(0.0)
         norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]
         device = grads[0].device
-        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
+        return cast(Tensor, torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0))
 
     return fallback
 
@@ -189,7 +189,7 @@ def global_norm(norm: Tensor) -> Tensor:
     tensor) see the same value on every rank. Other tensor subclasses pass through.
     """
     full_tensor = getattr(norm, "full_tensor", None)
-    return norm if full_tensor is None else full_tensor()
+    return norm if full_tensor is None else cast(Tensor, full_tensor())
 
 
 def parse_clip_grad(clip_grad: Mapping[str, Any] | None) -> ClipGrad | None:

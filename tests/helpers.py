@@ -14,7 +14,8 @@ def assert_same(a: Any, b: Any, path: str = "state") -> None:
         assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), path
         assert torch.equal(a, b), path
     elif isinstance(a, Mapping):
-        assert isinstance(b, Mapping) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        assert isinstance(b, Mapping), path
+        assert set(a) == set(b), f"{path}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
         for key in a:
             assert_same(a[key], b[key], f"{path}[{key!r}]")
     elif isinstance(a, Sequence) and not isinstance(a, str):

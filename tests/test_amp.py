@@ -63,7 +63,8 @@ def test_dtype_names_and_dtypes(dtype, expected):
 
 @pytest.mark.parametrize("dtype", ["float64", torch.int8, torch.float64])
 def test_a_dtype_the_device_cannot_autocast_to_names_the_ones_it_can(dtype):
-    with pytest.raises(ValueError, match="'cpu' backend cannot autocast to .*it supports 'bfloat16', 'float16', 'float32'"):
+    expected = r"'cpu' backend cannot autocast to .*it supports 'bfloat16', 'float16', 'float32'"
+    with pytest.raises(ValueError, match=expected):
         AmpOptimWrapper(adamw(make_model()), device="cpu", dtype=dtype)
 
 
@@ -107,7 +108,7 @@ def test_bad_fixed_loss_scales(bad):
 
 
 def test_unknown_loss_scale_dict_key():
-    with pytest.raises(ValueError, match="unknown key.*'init'; GradScaler takes init_scale"):
+    with pytest.raises(ValueError, match=r"unknown key.*'init'; GradScaler takes init_scale"):
         AmpOptimWrapper(adamw(make_model()), device="cpu", loss_scale={"init": 2.0})
 
 
@@ -119,13 +120,13 @@ def test_device_forms():
 
 
 def test_unknown_device_lists_the_registered_backends():
-    with pytest.raises(ValueError, match="unknown device 'tpu'; registered backends: .*'cpu'"):
+    with pytest.raises(ValueError, match=r"unknown device 'tpu'; registered backends: .*'cpu'"):
         AmpOptimWrapper(adamw(make_model()), device="tpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_unavailable_device_says_what_is_missing():
-    with pytest.raises(RuntimeError, match="'cuda' backend is not available: .*pytorch.org"):
+    with pytest.raises(RuntimeError, match=r"'cuda' backend is not available: .*pytorch.org"):
         AmpOptimWrapper(adamw(make_model()), device="cuda")
 
 

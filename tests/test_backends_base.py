@@ -148,7 +148,7 @@ def test_register_a_backend_and_refuse_a_clash(clean_registry):
     class OtherCpu(CpuBackend):
         pass
 
-    with pytest.raises(ValueError, match="'cpu' is already registered .*override=True"):
+    with pytest.raises(ValueError, match=r"'cpu' is already registered .*override=True"):
         register_backend(OtherCpu)
     register_backend(OtherCpu, override=True)
     assert type(get_backend("cpu")) is OtherCpu

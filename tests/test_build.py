@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_same
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.optim import OptimWrapper as MMOptimWrapper
 from torch import nn
 
-from helpers import assert_same
 from hwoptim import AmpOptimWrapper, OptimWrapper, OptimWrapperDict, build_optim_wrapper
 from hwoptim.build import resolve_optimizer_type
 

@@ -631,7 +631,7 @@ def test_a_mismatched_state_dict_raises_before_changing_anything():
     with pytest.raises(ValueError, match="2 parameter group"):
         wrapper.load_state_dict(other.state_dict())
     bad_counters = dict(sgd(make_model(), lr=0.5).state_dict(), hwoptim={"inner_count": -3})
-    with pytest.raises(ValueError, match="lacks 'max_counts'|inner_count"):
+    with pytest.raises(ValueError, match=r"lacks 'max_counts'|inner_count"):
         wrapper.load_state_dict(bad_counters)
     assert wrapper.get_lr() == {"lr": [0.1]} and wrapper.inner_count == 4
 

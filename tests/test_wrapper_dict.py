@@ -6,9 +6,8 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
 from helpers import assert_same
+from torch import nn
 
 from hwoptim import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
 
@@ -100,7 +99,7 @@ def test_state_dict_per_name_and_round_trip():
 
 
 def test_a_partial_or_unknown_load_raises_before_loading_anything():
-    _, wrappers, g, _ = make()
+    _, wrappers, _, _ = make()
     state = wrappers.state_dict()
     _, fresh, fresh_g, _ = make()
     fresh_g.optimizer.param_groups[0]["lr"] = 0.5

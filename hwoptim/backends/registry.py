@@ -211,7 +211,7 @@ def _by_device_type(device_type: str) -> type[Backend] | None:
     return max(claimants, key=lambda c: c.priority) if claimants else None
 
 
-def _generic_for(device_type: str) -> Any:
+def _generic_for(device_type: str) -> type[Backend] | None:
     """A backend class for a device torch knows but no backend claims, or None."""
     from hwoptim.backends.generic import generic_backend_for  # it imports this module
 
@@ -257,7 +257,7 @@ def _entry_points(group: str) -> list[Any]:
     try:
         return list(entry_points(group=group))
     except TypeError:  # Python 3.9's entry_points() takes no group
-        return list(entry_points().get(group, []))  # type: ignore[attr-defined]
+        return list(entry_points().get(group, []))
 
 
 def _ensure_plugins() -> None:
@@ -270,9 +270,8 @@ def _ensure_plugins() -> None:
         origin = f"{dist.name} {dist.version}" if dist is not None else ep.value
         try:
             loaded = ep.load()
-            classes = loaded() if callable(loaded) and not isinstance(loaded, type) else loaded
-            if isinstance(classes, type):
-                classes = [classes]
+            found = loaded() if callable(loaded) and not isinstance(loaded, type) else loaded
+            classes: list[type[Backend]] = [found] if isinstance(found, type) else list(found)
             for cls in classes:
                 if _registry.get(getattr(cls, "name", None) or "") is cls:
                     _origins[cls.name] = origin  # the plugin registered itself on import

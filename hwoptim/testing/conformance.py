@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pytest
 import torch
@@ -44,7 +44,7 @@ class _SyncRecorder(torch.nn.Module):
         self.require_sync = True
         self.sync_at_backward: list[bool] = []
         for param in module.parameters():
-            param.register_hook(self._record)
+            param.register_hook(self._record)  # type: ignore[no-untyped-call]
             break  # one hook per backward is enough
 
     def _record(self, grad: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class _SyncRecorder(torch.nn.Module):
             self.require_sync = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
+        return cast(torch.Tensor, self.module(x))
 
 
 class BackendConformance:
@@ -187,7 +187,7 @@ class BackendConformance:
         optimizer = torch.optim.SGD([param], lr=0.1)
         scaled = scaler.scale((param * 2).sum())
         assert scaled.item() == pytest.approx(6 * 1024)
-        scaled.backward()
+        scaled.backward()  # type: ignore[no-untyped-call]
         scaler.step(optimizer)
         scaler.update()
         assert torch.allclose(param.detach().cpu(), torch.full((3,), 0.8))  # unscaled grad 2
