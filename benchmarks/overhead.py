@@ -51,6 +51,7 @@ import dataclasses
 import gc
 import json
 import platform
+import random
 import statistics
 import sys
 import time
@@ -383,7 +384,8 @@ def check_same_work(case: Case, runners: list[str], steps: int) -> dict[str, flo
 
 
 def measure(
-    case: Case, runners: list[str], rounds: int, iters: int, clock: Callable[[], float]
+    case: Case, runners: list[str], rounds: int, iters: int, clock: Callable[[], float],
+    block: int = 25,
 ) -> dict[str, Any]:
     """Time ``runners`` on ``case``, each in pairs with its own hand-written twin.
 
@@ -392,41 +394,53 @@ def measure(
     On a shared machine the speed of a core drifts by tens of percent within milliseconds;
     two adjacent segments see nearly the same speed. A twin per runner, rather than one
     hand-written loop shared by all, keeps the two sides of every pair equally frequent and
-    so equally warm in the caches.
+    so equally warm in the caches. Every ``block`` rounds all runners and twins are built
+    afresh, in a shuffled order: where tensors land in memory changes a loop's speed by a
+    percent or two, and rebuilding turns that bias into noise the median averages out.
     """
     batches = make_batches(case.model)
-    runs: dict[str, Run] = {}
+    shuffle = random.Random(0).shuffle
+    names: list[str] = []
     skipped: dict[str, str] = {}
     for name in runners:
         if name == "torch" or (name == "torch+guard" and not case.guarded):
             continue
         try:
-            runs[name] = BUILDERS[name](case, make_model(case.model), batches)
+            BUILDERS[name](case, make_model(case.model), batches)
+            names.append(name)
         except Unsupported as exc:
             skipped[name] = str(exc)
-    twins = {name: build_torch(case, make_model(case.model), batches) for name in runs}
-    for run in [*runs.values(), *twins.values()]:  # warm-up: allocations, lazy state
-        run(2 * iters)
-    names = list(runs)
+
+    def build() -> dict[tuple[str, str], Run]:
+        keys = [(name, side) for name in names for side in (name, "torch")]
+        shuffle(keys)
+        built = {key: BUILDERS[key[1]](case, make_model(case.model), batches) for key in keys}
+        for run in built.values():  # warm-up: allocations, lazy state, caches
+            run(2 * iters)
+        return built
+
     times: dict[str, list[float]] = {name: [] for name in ["torch", *names]}
     ratios: dict[str, list[float]] = {name: [] for name in names}
-    # No collection inside a segment: it would land in one runner's time at random. The
-    # loops make no reference cycles to speak of; collect now and then, between rounds.
     gc.collect()
+    # No collection inside a segment: it would land in one runner's time at random. The
+    # loops make no reference cycles to speak of; collect between blocks.
     gc.disable()
     try:
         for r in range(rounds):
-            if r % 50 == 49:
+            if r % block == 0:
+                runs = None
                 gc.collect()
+                runs = build()
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
-                pair = [(name, runs[name]), ("torch", twins[name])]
+                pair = [name, "torch"] if r % 2 else ["torch", name]
                 seconds = {}
-                for runner, run in pair if r % 2 else pair[::-1]:
+                for side in pair:
+                    run = runs[(name, side)]
                     start = clock()
                     run(iters)
-                    seconds[runner] = clock() - start
-                    times[runner].append(seconds[runner] / iters)
+                    seconds[side] = clock() - start
+                    times[side].append(seconds[side] / iters)
                 ratios[name].append(seconds[name] / seconds["torch"])
     finally:
         gc.enable()
