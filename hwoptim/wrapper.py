@@ -11,17 +11,16 @@ back to the host.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Callable, ContextManager
 
 import torch
 from torch import Tensor
 
-from hwoptim.backends.base import skip_gradient_sync
+from hwoptim.backends.base import has_gradient_sync, skip_gradient_sync
 from hwoptim.clip import ClipFn, ClipGrad, parse_clip_grad
 
 #: the key state_dict() adds next to the optimizer's own keys
@@ -122,6 +121,7 @@ class OptimWrapper:
         self._model: Any = None
         self._pending_no_sync: ContextManager[Any] | None = None
         self._no_sync: Callable[[Any], ContextManager[Any]] = skip_gradient_sync
+        self._skips_sync = False  # decided per model by _bind_model
         self._clip_fn: ClipFn | None = None
         self._params: list[Tensor] = []
         self._n_groups = -1
@@ -188,21 +188,21 @@ class OptimWrapper:
         """``optimizer.zero_grad(**kwargs)``."""
         self.optimizer.zero_grad(**kwargs)
 
-    @contextlib.contextmanager
-    def optim_context(self, model: Any) -> Iterator[None]:
+    def optim_context(self, model: Any) -> ContextManager[None]:
         """Run the forward of ``model`` in here; it skips the gradient sync while accumulating.
 
         On a micro-batch that will not update, the model's gradient synchronisation (DDP and
         FSDP ``no_sync()``, FSDP2 ``set_requires_gradient_sync(False)``) is switched off on
         entry and stays off until the backward of that micro-batch has run, whether
         ``update_params`` is called inside this block or after it (mmengine's pattern).
+        AmpOptimWrapper also runs the forward in autocast here. A plain module has no
+        gradient sync to skip; for it (in fp32) this does nothing.
         """
-        self._enter_micro_batch(model)
-        try:
-            yield
-        except BaseException:
-            self._release_no_sync()
-            raise
+        return _OptimContext(self, model, self._forward_context())
+
+    def _forward_context(self) -> ContextManager[Any] | None:
+        """A context the forward runs in besides the sync skip (AmpOptimWrapper: autocast)."""
+        return None
 
     # -- accumulation counters (mmengine's arithmetic) -------------------------------------
 
@@ -436,7 +436,7 @@ class OptimWrapper:
             self._bind_model(model)
         if self._pending_no_sync is not None:  # a forward whose backward never ran
             self._release_no_sync()
-        if self._accumulative_counts > 1 and not self.should_sync():
+        if self._skips_sync and not self.should_sync():
             context = self._no_sync(model)
             context.__enter__()
             self._pending_no_sync = context
@@ -449,6 +449,9 @@ class OptimWrapper:
     def _bind_model(self, model: Any) -> None:
         """Remember the model: it decides how to skip syncs and (FSDP1) how to clip."""
         self._model = model
+        # Decided once per model: skipping needs a window to skip in and a collective to
+        # skip; entering a no-op context per micro-batch costs as much as a small kernel.
+        self._skips_sync = self._accumulative_counts > 1 and has_gradient_sync(model)
         self._rebuild_clip_fn()
 
     def _rebuild_clip_fn(self) -> None:
@@ -479,6 +482,40 @@ class OptimWrapper:
 
     def _repr_extra(self) -> list[str]:
         return []
+
+
+class _OptimContext:
+    """What ``optim_context`` returns, one per micro-batch.
+
+    A plain class rather than a generator-based context manager: the forward of every
+    micro-batch enters one, and this costs a fifth as much. On entry the wrapper starts the
+    micro-batch (sync skip), then ``inner`` (autocast) is entered; on exit ``inner`` is left
+    first. An exception releases the sync skip, since no backward will end it.
+    """
+
+    __slots__ = ("_inner", "_model", "_wrapper")
+
+    def __init__(self, wrapper: OptimWrapper, model: Any, inner: ContextManager[Any] | None):
+        self._wrapper = wrapper
+        self._model = model
+        self._inner = inner
+
+    def __enter__(self) -> None:
+        self._wrapper._enter_micro_batch(self._model)
+        if self._inner is not None:
+            try:
+                self._inner.__enter__()
+            except BaseException:
+                self._wrapper._release_no_sync()
+                raise
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        try:
+            if self._inner is not None:
+                self._inner.__exit__(exc_type, exc, traceback)
+        finally:
+            if exc_type is not None:
+                self._wrapper._release_no_sync()
 
 
 def is_finite_number(value: Any) -> bool:

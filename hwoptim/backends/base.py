@@ -270,6 +270,17 @@ def unwrap_compiled(model: Any) -> Any:
     return getattr(model, "_orig_mod", model)
 
 
+def has_gradient_sync(model: Any) -> bool:
+    """Whether ``model`` has a gradient collective that ``skip_gradient_sync`` can switch off.
+
+    True for FSDP2 modules (``set_requires_gradient_sync``) and for DDP, FSDP1 and anything
+    else with ``no_sync()``; False for a plain module, whose backward communicates nothing.
+    The wrapper asks once per model, so a plain module costs nothing per micro-batch.
+    """
+    module = unwrap_compiled(model)
+    return hasattr(module, "set_requires_gradient_sync") or hasattr(module, "no_sync")
+
+
 @contextlib.contextmanager
 def skip_gradient_sync(model: Any) -> Iterator[None]:
     """The device-independent way to skip gradient synchronisation of ``model``.
