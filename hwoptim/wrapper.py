@@ -84,6 +84,16 @@ class OptimWrapper:
             with wrapper.optim_context(model):
                 loss = loss_fn(model(x), y)
             wrapper.update_params(loss)
+
+    Logging: ``last_grad_norm``, ``skipped_steps`` and AmpOptimWrapper's ``loss_scale`` are
+    device tensors that ``update_params`` never reads. Reading one (``float()``, ``.item()``,
+    printing it) waits for the device to finish its queued work, so do it every N steps,
+    all values in one transfer::
+
+        if step % 100 == 0:  # one host sync per 100 steps
+            norm, skipped = torch.stack(
+                [wrapper.last_grad_norm, wrapper.skipped_steps]
+            ).tolist()
     """
 
     #: the loss scaler; only AmpOptimWrapper ever sets one
@@ -113,7 +123,8 @@ class OptimWrapper:
         self._remainder_counts = -1
         self._warned_unknown_end = False
 
-        #: the total gradient norm before the last clipping, as a tensor (None until then)
+        #: the total gradient norm before the last clipping, as a device tensor (None until
+        #: then); turning it into a number is a host sync, so log it every N steps
         self.last_grad_norm: Tensor | None = None
         self._skipped: Tensor | None = None
         self._takes_found_inf = _takes_found_inf(optimizer)
