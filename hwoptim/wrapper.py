@@ -132,6 +132,7 @@ class OptimWrapper:
         self._model: Any = None
         self._pending_no_sync: ContextManager[Any] | None = None
         self._no_sync: Callable[[Any], ContextManager[Any]] = skip_gradient_sync
+        self._model_type: type | None = None
         self._skips_sync = False  # decided per model by _bind_model
         self._clip_fn: ClipFn | None = None
         self._params: list[Tensor] = []
@@ -443,7 +444,8 @@ class OptimWrapper:
     # -- internals ----------------------------------------------------------------------------
 
     def _enter_micro_batch(self, model: Any) -> None:
-        if model is not self._model:
+        # fully_shard (FSDP2) changes a module's class in place: that is a new model too
+        if model is not self._model or type(model) is not self._model_type:
             self._bind_model(model)
         if self._pending_no_sync is not None:  # a forward whose backward never ran
             self._release_no_sync()
@@ -460,6 +462,7 @@ class OptimWrapper:
     def _bind_model(self, model: Any) -> None:
         """Remember the model: it decides how to skip syncs and (FSDP1) how to clip."""
         self._model = model
+        self._model_type = type(model)
         # Decided once per model: skipping needs a window to skip in and a collective to
         # skip; entering a no-op context per micro-batch costs as much as a small kernel.
         self._skips_sync = self._accumulative_counts > 1 and has_gradient_sync(model)
