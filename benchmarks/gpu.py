@@ -76,7 +76,7 @@ MAX_NORM = 1.0
 
 def make_model(kind: str, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
-    if kind == "small":  # ~35k parameters: the wrapper's Python shows
+    if kind == "small":  # ~27k parameters: the wrapper's Python shows
         model: nn.Module = nn.Sequential(
             nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 16)
         )
