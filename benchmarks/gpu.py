@@ -186,11 +186,12 @@ def count_syncs(run: Run, steps: int) -> tuple[float, dict[str, int]]:
     sites: collections.Counter[str] = collections.Counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        previous = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("warn")
         try:
             run(steps)
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(previous)
     for warning in caught:
         if SYNC_WARNING in str(warning.message):
             sites[f"{_short(warning.filename)}:{warning.lineno}"] += 1
