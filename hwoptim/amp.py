@@ -8,16 +8,16 @@ so "dynamic" means no scaler there, and no per-step sync for it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Union
 
 import torch
 from torch import Tensor
 
-from hwoptim.backends.base import dtype_name
+from hwoptim.backends.base import Backend, dtype_name
 from hwoptim.backends.registry import DeviceSpec, get_backend
 from hwoptim.wrapper import OptimWrapper
 
@@ -107,6 +107,7 @@ class AmpOptimWrapper(OptimWrapper):
         )
         self._scale_update_param = fixed_scale
         self._no_sync = backend.no_sync
+        self._custom_no_sync = type(backend).no_sync is not Backend.no_sync
         self._rebuild_clip_fn()  # a scaler changes what a non-finite norm means
 
     def backward(self, loss: Tensor, **kwargs: Any) -> None:
@@ -129,11 +130,9 @@ class AmpOptimWrapper(OptimWrapper):
         self._count_scaler_skip(scaler)
         scaler.update(self._scale_update_param)
 
-    @contextlib.contextmanager
-    def optim_context(self, model: Any) -> Iterator[None]:
-        """Gradient-sync skipping (as OptimWrapper) and autocast to ``cast_dtype``."""
-        with super().optim_context(model), self.backend.autocast(self.cast_dtype):
-            yield
+    def _forward_context(self) -> AbstractContextManager[Any]:
+        """``optim_context`` runs the forward in autocast to ``cast_dtype``."""
+        return self.backend.autocast(self.cast_dtype)
 
     @property
     def loss_scale(self) -> Tensor | None:

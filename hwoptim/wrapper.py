@@ -11,17 +11,16 @@ back to the host.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import math
 import warnings
-from collections.abc import Iterator, Mapping
-from typing import Any, Callable, ContextManager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from hwoptim.backends.base import skip_gradient_sync
+from hwoptim.backends.base import has_gradient_sync, skip_gradient_sync
 from hwoptim.clip import ClipFn, ClipGrad, parse_clip_grad
 
 #: the key state_dict() adds next to the optimizer's own keys
@@ -85,6 +84,16 @@ class OptimWrapper:
             with wrapper.optim_context(model):
                 loss = loss_fn(model(x), y)
             wrapper.update_params(loss)
+
+    Logging: ``last_grad_norm``, ``skipped_steps`` and AmpOptimWrapper's ``loss_scale`` are
+    device tensors that ``update_params`` never reads. Reading one (``float()``, ``.item()``,
+    printing it) waits for the device to finish its queued work, so do it every N steps,
+    all values in one transfer::
+
+        if step % 100 == 0:  # one host sync per 100 steps
+            norm, skipped = torch.stack(
+                [wrapper.last_grad_norm, wrapper.skipped_steps]
+            ).tolist()
     """
 
     #: the loss scaler; only AmpOptimWrapper ever sets one
@@ -114,14 +123,18 @@ class OptimWrapper:
         self._remainder_counts = -1
         self._warned_unknown_end = False
 
-        #: the total gradient norm before the last clipping, as a tensor (None until then)
+        #: the total gradient norm before the last clipping, as a device tensor (None until
+        #: then); turning it into a number is a host sync, so log it every N steps
         self.last_grad_norm: Tensor | None = None
         self._skipped: Tensor | None = None
         self._takes_found_inf = _takes_found_inf(optimizer)
 
         self._model: Any = None
-        self._pending_no_sync: ContextManager[Any] | None = None
-        self._no_sync: Callable[[Any], ContextManager[Any]] = skip_gradient_sync
+        self._pending_no_sync: AbstractContextManager[Any] | None = None
+        self._no_sync: Callable[[Any], AbstractContextManager[Any]] = skip_gradient_sync
+        self._model_type: type | None = None
+        self._skips_sync = False  # decided per model by _bind_model
+        self._custom_no_sync = False  # AmpOptimWrapper: its backend overrides no_sync()
         self._clip_fn: ClipFn | None = None
         self._params: list[Tensor] = []
         self._n_groups = -1
@@ -149,7 +162,7 @@ class OptimWrapper:
         A gradient-sync skip entered by ``optim_context`` ends here, after the backward,
         so FSDP (which reads its flag during backward) skips the collective too.
         """
-        loss.backward(**kwargs)
+        loss.backward(**kwargs)  # type: ignore[no-untyped-call]
         self._inner_count += 1
         if self._pending_no_sync is not None:
             self._release_no_sync()
@@ -188,8 +201,7 @@ class OptimWrapper:
         """``optimizer.zero_grad(**kwargs)``."""
         self.optimizer.zero_grad(**kwargs)
 
-    @contextlib.contextmanager
-    def optim_context(self, model: Any) -> Iterator[None]:
+    def optim_context(self, model: Any) -> AbstractContextManager[None]:
         """Run the forward of ``model`` in here; it skips the gradient sync while accumulating.
 
         On a micro-batch that will not update, the model's gradient synchronisation (DDP and
@@ -199,14 +211,15 @@ class OptimWrapper:
         It must outlive the block: DDP reads its flag in the forward, but FSDP1 and FSDP2
         read theirs in the backward, so a skip that ended with the block (as mmengine's
         does) would leave FSDP communicating on every micro-batch. How the model's sync is
-        switched is its backend's ``no_sync(model)``.
+        switched is its backend's ``no_sync(model)``. AmpOptimWrapper also runs the forward
+        in autocast here. A plain module has no gradient sync to skip; for it (in fp32) this
+        does nothing.
         """
-        self._enter_micro_batch(model)
-        try:
-            yield
-        except BaseException:
-            self._release_no_sync()
-            raise
+        return _OptimContext(self, model, self._forward_context())
+
+    def _forward_context(self) -> AbstractContextManager[Any] | None:
+        """A context the forward runs in besides the sync skip (AmpOptimWrapper: autocast)."""
+        return None
 
     # -- accumulation counters (mmengine's arithmetic) -------------------------------------
 
@@ -436,11 +449,12 @@ class OptimWrapper:
     # -- internals ----------------------------------------------------------------------------
 
     def _enter_micro_batch(self, model: Any) -> None:
-        if model is not self._model:
+        # fully_shard (FSDP2) changes a module's class in place: that is a new model too
+        if model is not self._model or type(model) is not self._model_type:
             self._bind_model(model)
         if self._pending_no_sync is not None:  # a forward whose backward never ran
             self._release_no_sync()
-        if self._accumulative_counts > 1 and not self.should_sync():
+        if self._skips_sync and not self.should_sync():
             context = self._no_sync(model)
             context.__enter__()
             self._pending_no_sync = context
@@ -453,6 +467,13 @@ class OptimWrapper:
     def _bind_model(self, model: Any) -> None:
         """Remember the model: it decides how to skip syncs and (FSDP1) how to clip."""
         self._model = model
+        self._model_type = type(model)
+        # Decided once per model: skipping needs a window to skip in and a collective to
+        # skip; entering a no-op context per micro-batch costs as much as a small kernel.
+        # A backend with its own no_sync (a vendor's data-parallel wrapper) is always asked.
+        self._skips_sync = self._accumulative_counts > 1 and (
+            self._custom_no_sync or has_gradient_sync(model)
+        )
         self._rebuild_clip_fn()
 
     def _rebuild_clip_fn(self) -> None:
@@ -485,8 +506,36 @@ class OptimWrapper:
         return []
 
 
-def is_finite_number(value: Any) -> bool:
-    """A real, finite int or float (bool excluded)."""
-    return (
-        not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    )
+class _OptimContext:
+    """What ``optim_context`` returns, one per micro-batch.
+
+    A plain class rather than a generator-based context manager: the forward of every
+    micro-batch enters one, and this costs a fifth as much. On entry the wrapper starts the
+    micro-batch (sync skip), then ``inner`` (autocast) is entered; on exit ``inner`` is left
+    first. An exception releases the sync skip, since no backward will end it.
+    """
+
+    __slots__ = ("_inner", "_model", "_wrapper")
+
+    def __init__(self, wrapper: OptimWrapper, model: Any, inner: AbstractContextManager[Any] | None):
+        self._wrapper = wrapper
+        self._model = model
+        self._inner = inner
+
+    def __enter__(self) -> None:
+        self._wrapper._enter_micro_batch(self._model)
+        if self._inner is not None:
+            try:
+                self._inner.__enter__()
+            except BaseException:
+                self._wrapper._release_no_sync()
+                raise
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        try:
+            if self._inner is not None:
+                self._inner.__exit__(exc_type, exc, traceback)
+        finally:
+            if exc_type is not None:
+                self._wrapper._release_no_sync()
+

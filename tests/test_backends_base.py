@@ -188,3 +188,30 @@ def test_a_custom_backend_drives_the_wrapper(clean_registry):
         loss = model(torch.ones(1, 2)).float().sum()
     wrapper.update_params(loss)
     assert events == [("grad_scaler", False), ("autocast", torch.float16)]
+
+
+def test_a_backend_with_its_own_no_sync_is_asked_even_for_a_plain_looking_model(clean_registry):
+    from contextlib import contextmanager
+
+    from hwoptim import AmpOptimWrapper
+
+    entered = []
+
+    @register_backend
+    class VendorDP(CpuBackend):  # e.g. a vendor data-parallel wrapper with its own switch
+        name = "vendordp"
+
+        @contextmanager
+        def no_sync(self, model):
+            entered.append(model)
+            yield
+
+    model = torch.nn.Linear(2, 1)  # no no_sync(), no FSDP2: the generic check says "nothing"
+    wrapper = AmpOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), device="vendordp",
+                              accumulative_counts=2)
+    wrapper.initialize_count_status(model, 0, 4)
+    for _ in range(4):
+        with wrapper.optim_context(model):
+            loss = model(torch.ones(1, 2)).float().sum()
+        wrapper.update_params(loss)
+    assert entered == [model, model]  # the two micro-batches that do not update

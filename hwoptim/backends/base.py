@@ -13,7 +13,8 @@ import importlib
 import inspect
 import weakref
 from collections.abc import Iterator
-from typing import Any, Callable, ClassVar, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -227,7 +228,7 @@ class Backend:
         dtype: torch.dtype | None = None,
         enabled: bool = True,
         cache_enabled: bool | None = None,
-    ) -> ContextManager[Any]:
+    ) -> AbstractContextManager[Any]:
         """Autocast on this device. float32 means full precision: autocast is switched off.
 
         ``dtype`` is expected to come from ``resolve_dtype`` (validated once, at construction).
@@ -254,7 +255,7 @@ class Backend:
 
     # -- distributed -------------------------------------------------------------------
 
-    def no_sync(self, model: Any) -> ContextManager[None]:
+    def no_sync(self, model: Any) -> AbstractContextManager[None]:
         """Skip the gradient collective of a micro-batch that does not update.
 
         While the returned context is entered, the backward pass of ``model`` does not
@@ -303,7 +304,19 @@ def unwrap_compiled(model: Any) -> Any:
     return getattr(model, "_orig_mod", model)
 
 
-def skip_gradient_sync(model: Any) -> ContextManager[Any]:
+def has_gradient_sync(model: Any) -> bool:
+    """Whether ``model`` has a gradient collective that ``skip_gradient_sync`` can switch off.
+
+    True when the model (or, for a plain root, some submodule) is FSDP2-sharded or has
+    ``no_sync()`` (DDP, FSDP1); False for a plain module, whose backward communicates
+    nothing. The wrapper asks once per model, so a plain module costs nothing per
+    micro-batch.
+    """
+    fsdp2, no_sync = _find_sync_targets(unwrap_compiled(model))
+    return bool(fsdp2 or no_sync)
+
+
+def skip_gradient_sync(model: Any) -> AbstractContextManager[Any]:
     """The device-independent way to skip gradient synchronisation of ``model``.
 
     While the returned context is entered, a backward pass through ``model`` does not
@@ -405,7 +418,7 @@ def _outermost_with(module: torch.nn.Module, attr: str) -> Iterator[torch.nn.Mod
 
 def _skip_sync(
     fsdp2: tuple[tuple[Any, bool], ...], no_sync: tuple[Any, ...]
-) -> ContextManager[Any]:
+) -> AbstractContextManager[Any]:
     if fsdp2:
         return _requires_gradient_sync_off(fsdp2)
     if len(no_sync) == 1:

@@ -1,0 +1,298 @@
+"""Step time and host syncs per step on a CUDA GPU: hand-written loop, hwoptim, mmengine.
+
+For a small and a mid-size model, in fp16 (dynamic loss scaling) and bf16 autocast, with
+norm clipping, and with AdamW both as torch picks it on a GPU (foreach) and fused:
+
+- step time: the runners are timed interleaved over several rounds (the device is
+  synchronised around each timed segment, never inside it); median per iteration, and the
+  median ratio to the hand-written loop within a round;
+- host syncs per step: a few iterations run under ``torch.cuda.set_sync_debug_mode("warn")``,
+  which makes torch warn at every operation that waits for the device (``.item()``,
+  ``float(t)``, a device-to-host copy, ...); the warnings are counted and the Python line
+  that triggered each is reported.
+
+Expected: hwoptim syncs exactly as often as the hand-written loop doing the same work:
+0 per step with a fused AdamW, 1 (torch's GradScaler ``.item()``) for fp16 with a foreach
+AdamW, and 0 in bf16, where it builds no scaler. mmengine adds ``float(grad_norm)`` on every
+clipped step and keeps a scaler (and its sync) in bf16.
+
+On a machine without CUDA this prints why and exits with status 0. ``--device cpu`` runs
+the same code on the CPU, without sync counting, to check the script itself.
+
+Usage::
+
+    python benchmarks/gpu.py                       # the full table and a JSON line
+    python benchmarks/gpu.py --rounds 5 --quick    # a fast look
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import pathlib
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+import hwoptim
+
+Run = Callable[[int], None]
+SYNC_WARNING = "synchronizing CUDA operation"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+class Unsupported(Exception):
+    """A runner cannot do this case; the message says why (shown as n/a)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    model: str  # "small" or "mid"
+    dtype: torch.dtype
+    fused: bool
+
+    @property
+    def name(self) -> str:
+        precision = "fp16" if self.dtype == torch.float16 else "bf16"
+        return f"{self.model}-{precision}-{'fused' if self.fused else 'foreach'}"
+
+
+CASES = [
+    Case(model, dtype, fused)
+    for model in ("small", "mid")
+    for dtype in (torch.float16, torch.bfloat16)
+    for fused in (False, True)
+]
+RUNNERS = ["torch", "hwoptim", "mmengine"]
+MAX_NORM = 1.0
+
+
+def make_model(kind: str, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "small":  # ~27k parameters: the wrapper's Python shows
+        model: nn.Module = nn.Sequential(
+            nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 16)
+        )
+    else:  # ~19M parameters, 6 transformer layers: a realistic step
+        layer = nn.TransformerEncoderLayer(512, 8, 2048, dropout=0.0, batch_first=True)
+        model = nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
+    return model.to(device)
+
+
+def make_batches(kind: str, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    shape = (64, 64) if kind == "small" else (16, 128, 512)
+    out_shape = (64, 16) if kind == "small" else shape
+    return [
+        (torch.randn(shape, generator=generator).to(device),
+         torch.randn(out_shape, generator=generator).to(device))
+        for _ in range(4)
+    ]
+
+
+def make_optimizer(model: nn.Module, case: Case) -> torch.optim.Optimizer:
+    # foreach=None lets torch choose, as users get it: foreach on a GPU
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=case.fused or None)
+
+
+loss_fn = nn.functional.mse_loss
+
+
+def build_torch(case: Case, device: torch.device) -> Run:
+    """The hand-written loop: autocast, (fp16) GradScaler, unscale, clip, step, zero_grad."""
+    model = make_model(case.model, device)
+    batches = make_batches(case.model, device)
+    optimizer = make_optimizer(model, case)
+    params = list(model.parameters())
+    scaler = torch.amp.GradScaler(device.type) if case.dtype == torch.float16 else None
+    dtype, device_type = case.dtype, device.type
+    count = 0
+
+    def run(n: int) -> None:
+        nonlocal count
+        for _ in range(n):
+            x, y = batches[count % len(batches)]
+            count += 1
+            with torch.autocast(device_type, dtype=dtype):
+                loss = loss_fn(model(x), y)
+            if scaler is None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad()
+
+    return run
+
+
+def build_hwoptim(case: Case, device: torch.device) -> Run:
+    model = make_model(case.model, device)
+    wrapper = hwoptim.AmpOptimWrapper(
+        make_optimizer(model, case), device=device.type, dtype=case.dtype,
+        clip_grad=dict(max_norm=MAX_NORM),
+    )
+    return _wrapper_loop(wrapper, model, make_batches(case.model, device))
+
+
+def build_mmengine(case: Case, device: torch.device) -> Run:
+    try:
+        from mmengine.optim import AmpOptimWrapper
+    except ImportError as exc:
+        raise Unsupported("not installed (pip install 'hwoptim[bench]')") from exc
+    model = make_model(case.model, device)
+    name = "float16" if case.dtype == torch.float16 else "bfloat16"
+    try:
+        wrapper = AmpOptimWrapper(
+            optimizer=make_optimizer(model, case), dtype=name, clip_grad=dict(max_norm=MAX_NORM)
+        )
+    except AssertionError as exc:  # refuses anything but gpu, npu, mlu, musa
+        raise Unsupported(f"refuses {device.type}: {exc}") from exc
+    return _wrapper_loop(wrapper, model, make_batches(case.model, device))
+
+
+def _wrapper_loop(wrapper: Any, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> Run:
+    wrapper.initialize_count_status(model, 0, 10**9)
+    count = 0
+
+    def run(n: int) -> None:
+        nonlocal count
+        for _ in range(n):
+            x, y = batches[count % len(batches)]
+            count += 1
+            with wrapper.optim_context(model):
+                loss = loss_fn(model(x), y)
+            wrapper.update_params(loss)
+
+    return run
+
+
+BUILDERS = {"torch": build_torch, "hwoptim": build_hwoptim, "mmengine": build_mmengine}
+
+
+def count_syncs(run: Run, steps: int) -> tuple[float, dict[str, int]]:
+    """Host syncs per step while ``run`` trains ``steps`` steps, and where they came from."""
+    sites: collections.Counter[str] = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run(steps)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    for warning in caught:
+        if SYNC_WARNING in str(warning.message):
+            sites[f"{_short(warning.filename)}:{warning.lineno}"] += 1
+    return sum(sites.values()) / steps, dict(sites)
+
+
+def _short(filename: str) -> str:
+    """torch/amp/grad_scaler.py rather than the full path of the installed file."""
+    path = pathlib.Path(filename)
+    if path.is_relative_to(REPO):
+        return str(path.relative_to(REPO))
+    return filename.rpartition("site-packages/")[2]
+
+
+def measure(
+    case: Case, runners: list[str], device: torch.device, rounds: int, iters: int,
+    sync_steps: int,
+) -> dict[str, Any]:
+    runs: dict[str, Run] = {}
+    skipped: dict[str, str] = {}
+    for name in runners:
+        try:
+            runs[name] = BUILDERS[name](case, device)
+        except Unsupported as exc:
+            skipped[name] = str(exc)
+    for run in runs.values():  # warm-up: cuBLAS handles, autotuning, lazy scaler state
+        run(3)
+    syncs: dict[str, tuple[float, dict[str, int]] | None] = {}
+    for name, run in runs.items():
+        syncs[name] = count_syncs(run, sync_steps) if device.type == "cuda" else None
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            synchronize()
+            start = time.perf_counter()
+            runs[name](iters)
+            synchronize()
+            times[name].append((time.perf_counter() - start) / iters)
+    return {"times": times, "syncs": syncs, "skipped": skipped}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:1, or cpu")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--iters", type=int, default=20, help="iterations per runner per round")
+    parser.add_argument("--sync-steps", type=int, default=10, help="steps under sync counting")
+    parser.add_argument("--quick", action="store_true", help="the small model only")
+    parser.add_argument("--runners", nargs="+", choices=RUNNERS, default=RUNNERS)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        built = torch.version.cuda or "none (a CPU build)"
+        print(f"benchmarks/gpu.py: no CUDA device is visible (torch {torch.__version__}, "
+              f"CUDA build: {built}); nothing to measure. The GPU table is pending a machine "
+              "with a GPU; `python benchmarks/overhead.py` measures the CPU overhead.")
+        return 0
+    if device.type not in ("cuda", "cpu"):
+        parser.error(f"--device must be cuda[:N] or cpu; got {args.device!r}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # mmengine's torch.cuda.amp
+    runners = ["torch", *[r for r in args.runners if r != "torch"]]
+    cases = [c for c in CASES if not args.quick or c.model == "small"]
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"# {name}, torch {torch.__version__}, hwoptim {hwoptim.__version__}, "
+          f"{args.rounds} rounds x {args.iters} iterations, syncs over {args.sync_steps} steps")
+    header = f"{'case':<20} {'runner':<9} {'ms/step':>8} {'ratio':>6} {'syncs/step':>10}  where"
+    print(header)
+    print("-" * len(header))
+    results = []
+    for case in cases:
+        out = measure(case, runners, device, args.rounds, args.iters, args.sync_steps)
+        base = out["times"]["torch"]
+        for runner in runners:
+            if runner in out["skipped"]:
+                print(f"{case.name:<20} {runner:<9} {'n/a':>8}  {out['skipped'][runner]}")
+                results.append({"case": case.name, "runner": runner, "status": "n/a",
+                                "reason": out["skipped"][runner]})
+                continue
+            times = out["times"][runner]
+            ms = statistics.median(times) * 1e3
+            ratio = statistics.median(t / b for t, b in zip(times, base))
+            counted = out["syncs"][runner]
+            per_step, sites = counted if counted is not None else (None, {})
+            shown = "n/a" if per_step is None else f"{per_step:.2f}"
+            where = ", ".join(f"{site} x{n}" for site, n in sorted(sites.items()))
+            print(f"{case.name:<20} {runner:<9} {ms:8.3f} {ratio:6.3f} {shown:>10}  {where}")
+            results.append({"case": case.name, "runner": runner, "status": "ok",
+                            "ms_per_step": round(ms, 4), "ratio": round(ratio, 4),
+                            "syncs_per_step": per_step, "sync_sites": sites})
+        sys.stdout.flush()
+    print(json.dumps({"benchmark": "hwoptim-gpu", "device": name, "torch": torch.__version__,
+                      "hwoptim": hwoptim.__version__, "rounds": args.rounds,
+                      "iters": args.iters, "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""Wrapper overhead on the CPU: hwoptim and its peers against the hand-written torch loop.
+
+Every runner trains its own copy of the same model on the same batches with the same
+optimizer and does the same math: the loss divided by the accumulation window, autocast,
+loss scaling, norm clipping, the optimizer step and zero_grad. What differs is the Python
+around it, which is what a wrapper costs. The runners are timed in one process, in rounds:
+each round runs every other runner once, each right next to a segment of the hand-written
+loop (one accumulation window each, CPU time of this thread by default), and takes the
+ratio within that pair, so the drifting speed of a shared machine cancels. The table shows
+medians over rounds, with a 95% confidence interval of the median ratio.
+
+Runners:
+  torch        the hand-written loop: the same clip, division, autocast and scaler as hwoptim.
+  torch-again  the hand-written loop once more, measured like the others: its ratio, which
+               should be 1.000, shows how far the measurement itself can be trusted.
+  torch+guard  the hand-written loop plus the work hwoptim does by design where it clips or
+               scales: the sync-free non-finite guard and the skipped-step counter (see
+               GUARD below). (torch+guard) / torch is the cost of that guarantee;
+               hwoptim / (torch+guard) is the pure wrapper overhead.
+  hwoptim      OptimWrapper (fp32) or AmpOptimWrapper(device="cpu") (bf16, fp16).
+  mmengine     mmengine's OptimWrapper / AmpOptimWrapper, when mmengine is installed.
+  accelerate   accelerate's Accelerator(cpu=True), when accelerate is installed.
+
+Cases (one thread, AdamW with foreach=True unless fused, as torch picks on a GPU):
+  fp32                     plain fp32, no accumulation, no clipping
+  fp32-acc4-clip           accumulation over 4 micro-batches, norm clipping
+  bf16-acc4-clip           the same in bf16 autocast (no scaler: bf16 needs none)
+  fp16-dynamic-fused-clip  fp16 autocast, dynamic GradScaler, fused AdamW, norm clipping
+  wide-fp32-clip           512 small parameter tensors, SGD, norm clipping
+  wide-fp32-clip-fused     the same with a fused SGD
+
+A peer that refuses a case (mmengine's AmpOptimWrapper on CPU) or would silently run other
+math (accelerate turns fp16 off on CPU: no autocast, no scaler) is reported "n/a" with the
+reason; nothing is patched to make it run.
+
+Before timing, every runner trains a few steps from the same start and its parameters are
+compared with the hand-written loop's ("same": the max relative difference), so the table
+cannot compare different work by mistake.
+
+Usage::
+
+    python benchmarks/overhead.py                 # all cases, the table and a JSON line
+    python benchmarks/overhead.py --rounds 51 --cases fp32 wide-fp32-clip
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+import hwoptim
+
+Batch = tuple[Tensor, Tensor]
+Run = Callable[[int], None]  # runs n training iterations
+
+
+class Unsupported(Exception):
+    """A runner cannot do this case's work; the message says why (shown as n/a)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One training configuration every runner must reproduce exactly."""
+
+    name: str
+    model: str  # "small" or "wide"
+    dtype: torch.dtype | None  # autocast dtype; None: fp32, no autocast
+    acc: int  # accumulative_counts
+    max_norm: float | None  # norm clipping, or None
+    fused: bool  # fused=True: the optimizer takes found_inf and skips on the device
+    optimizer: str = "adamw"  # "adamw" or "sgd"
+
+    @property
+    def scaled(self) -> bool:
+        return self.dtype == torch.float16
+
+    @property
+    def guarded(self) -> bool:
+        """Whether hwoptim does work here that the plain hand-written loop does not."""
+        return self.max_norm is not None or self.scaled
+
+
+CASES = [
+    Case("fp32", "small", None, 1, None, False),
+    Case("fp32-acc4-clip", "small", None, 4, 1.0, False),
+    Case("bf16-acc4-clip", "small", torch.bfloat16, 4, 1.0, False),
+    Case("fp16-dynamic-fused-clip", "small", torch.float16, 1, 1.0, True),
+    # SGD for the wide model: its own per-parameter work is the lightest, as a foreach
+    # optimizer's is on a GPU, so what the wrapper adds per parameter is not hidden.
+    Case("wide-fp32-clip", "wide", None, 1, 1.0, False, "sgd"),
+    Case("wide-fp32-clip-fused", "wide", None, 1, 1.0, True, "sgd"),
+]
+RUNNERS = ["torch", "torch-again", "torch+guard", "hwoptim", "mmengine", "accelerate"]
+
+# Sizes: small enough that the Python around each step is visible next to the math.
+SMALL = dict(d_in=64, hidden=128, d_out=16, batch=32)
+WIDE = dict(d_in=16, branches=256, batch=32)  # 2 tensors per branch: 512 parameter tensors
+N_BATCHES = 8
+MAX_COUNTS = 10**9  # what initialize_count_status gets: a long run
+CLOCKS = {"thread": time.thread_time, "wall": time.perf_counter}
+
+
+# -- models and data -------------------------------------------------------------------
+
+
+class WideNet(nn.Module):
+    """Hundreds of small parameter tensors behind a cheap forward, so per-parameter
+    Python work (a wrapper's, an optimizer's) shows next to the math.
+
+    Each branch is a small linear map; the forward stacks them into one batched matmul,
+    as grouped or multi-head layers do, instead of one Python call per branch.
+    """
+
+    def __init__(self, d_in: int, branches: int) -> None:
+        super().__init__()
+        scale = d_in**-0.5
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.randn(d_in, d_in) * scale) for _ in range(branches)
+        )
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(d_in)) for _ in range(branches))
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = torch.stack(list(self.weights))  # (branches, d_in, d_in)
+        bias = torch.stack(list(self.biases)).unsqueeze(1)  # (branches, 1, d_in)
+        return torch.baddbmm(bias, x.expand(len(self.weights), -1, -1), weight).mean(0)
+
+
+def make_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "small":
+        d_in, hidden, d_out = SMALL["d_in"], SMALL["hidden"], SMALL["d_out"]
+        return nn.Sequential(
+            nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, d_out),
+        )
+    return WideNet(WIDE["d_in"], WIDE["branches"])
+
+
+def make_batches(kind: str) -> list[Batch]:
+    generator = torch.Generator().manual_seed(1)
+    size = SMALL if kind == "small" else WIDE
+    d_out = size.get("d_out", size["d_in"])
+    return [
+        (
+            torch.randn(size["batch"], size["d_in"], generator=generator),
+            torch.randn(size["batch"], d_out, generator=generator),
+        )
+        for _ in range(N_BATCHES)
+    ]
+
+
+def make_optimizer(model: nn.Module, case: Case) -> torch.optim.Optimizer:
+    # foreach=True on CPU too, as torch picks on a GPU: the optimizer then does no
+    # per-parameter Python work of its own, so the wrapper's shows.
+    kind = {"fused": True} if case.fused else {"foreach": True}
+    if case.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=1e-2, **kind)
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, **kind)
+
+
+loss_fn = nn.functional.mse_loss
+
+
+# -- the hand-written loop ---------------------------------------------------------------
+
+
+def build_torch(case: Case, model: nn.Module, batches: list[Batch], guard: bool = False) -> Run:
+    """The loop a user writes by hand for ``case``; ``guard``: plus hwoptim's guarantee.
+
+    GUARD (what hwoptim adds by design, and this runner reproduces with ``guard=True``):
+    with clipping, found_inf = (norm * 0).nan_to_num_(nan=1.0) is computed on the device
+    and added to a skipped-step counter; a fused optimizer gets it as ``found_inf`` and
+    skips a non-finite step itself, any other optimizer gets its gradients zeroed where
+    non-finite, so a bad step never reaches the parameters. Under fp16 the scaler already
+    skips such steps; the guard is only the counter, fed from the scaler's found_inf.
+    """
+    optimizer = make_optimizer(model, case)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    acc, max_norm, dtype = case.acc, case.max_norm, case.dtype
+    clip = torch.nn.utils.clip_grad_norm_
+    scaler = torch.amp.GradScaler("cpu") if case.scaled else None
+    skipped = torch.zeros(())
+    n_batches = len(batches)
+    count = 0
+
+    def guarded_step(norm: Tensor) -> None:
+        found_inf = (norm * 0.0).nan_to_num_(nan=1.0)
+        skipped.add_(found_inf)
+        if case.fused:
+            optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+            optimizer.step()
+            del optimizer.found_inf  # type: ignore[attr-defined]
+        else:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.nan_to_num_(0.0, 0.0, 0.0)
+            optimizer.step()
+
+    def run(n: int) -> None:
+        nonlocal count
+        for _ in range(n):
+            x, y = batches[count % n_batches]
+            if dtype is None:
+                loss = loss_fn(model(x), y)
+            else:
+                with torch.autocast("cpu", dtype=dtype):
+                    loss = loss_fn(model(x), y)
+            if acc > 1:
+                loss = loss / acc
+            if scaler is None:
+                loss.backward()
+            else:
+                scaler.scale(loss).backward()
+            count += 1
+            if count % acc:
+                continue
+            if scaler is not None:
+                if max_norm is not None:
+                    scaler.unscale_(optimizer)
+                    clip(params, max_norm)
+                scaler.step(optimizer)
+                if guard:  # one device here: its found_inf is the count
+                    states = scaler._per_optimizer_states[id(optimizer)]
+                    (found_inf,) = states["found_inf_per_device"].values()
+                    skipped.add_(found_inf)
+                scaler.update()
+            elif max_norm is None:
+                optimizer.step()
+            elif guard:
+                guarded_step(clip(params, max_norm))
+            else:
+                clip(params, max_norm)
+                optimizer.step()
+            optimizer.zero_grad()
+
+    return run
+
+
+# -- hwoptim -----------------------------------------------------------------------------
+
+
+def build_hwoptim(case: Case, model: nn.Module, batches: list[Batch]) -> Run:
+    optimizer = make_optimizer(model, case)
+    clip_grad = None if case.max_norm is None else dict(max_norm=case.max_norm)
+    wrapper: hwoptim.OptimWrapper
+    if case.dtype is None:
+        wrapper = hwoptim.OptimWrapper(optimizer, case.acc, clip_grad)
+    else:
+        wrapper = hwoptim.AmpOptimWrapper(
+            optimizer, device="cpu", dtype=case.dtype, accumulative_counts=case.acc,
+            clip_grad=clip_grad,
+        )
+    wrapper.initialize_count_status(model, 0, MAX_COUNTS)
+    return _wrapper_loop(wrapper, model, batches)
+
+
+def _wrapper_loop(wrapper: Any, model: nn.Module, batches: list[Batch]) -> Run:
+    """mmengine's loop, which hwoptim keeps: forward in optim_context, then update_params."""
+    n_batches = len(batches)
+    count = 0
+
+    def run(n: int) -> None:
+        nonlocal count
+        for _ in range(n):
+            x, y = batches[count % n_batches]
+            count += 1
+            with wrapper.optim_context(model):
+                loss = loss_fn(model(x), y)
+            wrapper.update_params(loss)
+
+    return run
+
+
+# -- peers -------------------------------------------------------------------------------
+
+
+def build_mmengine(case: Case, model: nn.Module, batches: list[Batch]) -> Run:
+    try:
+        from mmengine.optim import AmpOptimWrapper, OptimWrapper
+    except ImportError as exc:
+        raise Unsupported("not installed (pip install 'hwoptim[bench]')") from exc
+    optimizer = make_optimizer(model, case)
+    clip_grad = None if case.max_norm is None else dict(max_norm=case.max_norm)
+    try:
+        if case.dtype is None:
+            wrapper = OptimWrapper(optimizer, case.acc, clip_grad)
+        else:
+            name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[case.dtype]
+            wrapper = AmpOptimWrapper(
+                optimizer=optimizer, dtype=name, accumulative_counts=case.acc,
+                clip_grad=clip_grad,
+            )
+    except AssertionError as exc:  # "only available training on gpu, npu, mlu or musa"
+        raise Unsupported(f"refuses CPU: {exc}") from exc
+    wrapper.initialize_count_status(model, 0, MAX_COUNTS)
+    return _wrapper_loop(wrapper, model, batches)
+
+
+def build_accelerate(case: Case, model: nn.Module, batches: list[Batch]) -> Run:
+    try:
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+    except ImportError as exc:
+        raise Unsupported("not installed (pip install 'hwoptim[bench]')") from exc
+    # The Accelerator's state is process-global: start each case from a clean one.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    precision = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[case.dtype]
+    accelerator = Accelerator(
+        cpu=True, mixed_precision=precision, gradient_accumulation_steps=case.acc
+    )
+    if case.scaled and accelerator.scaler is None:
+        raise Unsupported("fp16 on CPU silently runs fp32 (no autocast, no scaler)")
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, case))
+    max_norm = case.max_norm
+    params = list(model.parameters())
+    n_batches = len(batches)
+    count = 0
+
+    def run(n: int) -> None:
+        nonlocal count
+        for _ in range(n):
+            x, y = batches[count % n_batches]
+            count += 1
+            with accelerator.accumulate(model):
+                loss = loss_fn(model(x), y)
+                accelerator.backward(loss)
+                if max_norm is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, max_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+
+    return run
+
+
+BUILDERS: dict[str, Callable[[Case, nn.Module, list[Batch]], Run]] = {
+    "torch": build_torch,
+    "torch-again": build_torch,
+    "torch+guard": lambda case, model, batches: build_torch(case, model, batches, guard=True),
+    "hwoptim": build_hwoptim,
+    "mmengine": build_mmengine,
+    "accelerate": build_accelerate,
+}
+
+
+# -- measuring ---------------------------------------------------------------------------
+
+
+def check_same_work(case: Case, runners: list[str], steps: int) -> dict[str, float]:
+    """Train each runner ``steps`` updates from the same start; the max relative parameter
+    difference to the hand-written loop (0.0: bit-identical)."""
+    batches = make_batches(case.model)
+    finals: dict[str, list[Tensor]] = {}
+    for name in runners:
+        model = make_model(case.model)
+        try:
+            run = BUILDERS[name](case, model, batches)
+        except Unsupported:
+            continue
+        run(steps * case.acc)
+        finals[name] = [p.detach().clone() for p in model.parameters()]
+    reference = finals["torch"]
+    diffs = {}
+    for name, params in finals.items():
+        worst = 0.0
+        for p, q in zip(params, reference):
+            scale = q.abs().max().clamp_min(1e-12)
+            worst = max(worst, float((p - q).abs().max() / scale))
+        diffs[name] = worst
+    return diffs
+
+
+def measure(
+    case: Case, runners: list[str], rounds: int, iters: int, clock: Callable[[], float],
+    block: int = 25,
+) -> dict[str, Any]:
+    """Time ``runners`` on ``case``, each in pairs with its own hand-written twin.
+
+    Each round runs, for every runner, one segment of it and one of its twin (a hand-written
+    loop of its own) back to back, in alternating order, and takes the ratio of the pair.
+    On a shared machine the speed of a core drifts by tens of percent within milliseconds;
+    two adjacent segments see nearly the same speed. A twin per runner, rather than one
+    hand-written loop shared by all, keeps the two sides of every pair equally frequent and
+    so equally warm in the caches. Every ``block`` rounds all runners and twins are built
+    afresh, in a shuffled order: where tensors land in memory changes a loop's speed by a
+    percent or two, and rebuilding turns that bias into noise the median averages out.
+    """
+    batches = make_batches(case.model)
+    shuffle = random.Random(0).shuffle
+    names: list[str] = []
+    skipped: dict[str, str] = {}
+    for name in runners:
+        if name == "torch" or (name == "torch+guard" and not case.guarded):
+            continue
+        try:
+            BUILDERS[name](case, make_model(case.model), batches)
+            names.append(name)
+        except Unsupported as exc:
+            skipped[name] = str(exc)
+
+    def build() -> dict[tuple[str, str], Run]:
+        keys = [(name, side) for name in names for side in (name, "torch")]
+        shuffle(keys)
+        built = {key: BUILDERS[key[1]](case, make_model(case.model), batches) for key in keys}
+        for run in built.values():  # warm-up: allocations, lazy state, caches
+            run(2 * iters)
+        return built
+
+    times: dict[str, list[float]] = {name: [] for name in ["torch", *names]}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    # No collection inside a segment: it would land in one runner's time at random. The
+    # loops make no reference cycles to speak of; collect between blocks.
+    gc.disable()
+    try:
+        for r in range(rounds):
+            if r % block == 0:
+                runs = None
+                gc.collect()
+                runs = build()
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                pair = [name, "torch"] if r % 2 else ["torch", name]
+                seconds = {}
+                for side in pair:
+                    run = runs[(name, side)]
+                    start = clock()
+                    run(iters)
+                    seconds[side] = clock() - start
+                    times[side].append(seconds[side] / iters)
+                ratios[name].append(seconds[name] / seconds["torch"])
+    finally:
+        gc.enable()
+    ratios["torch"] = [1.0] * rounds
+    return {"times": times, "ratios": ratios, "skipped": skipped}
+
+
+def median_ci(values: list[float]) -> tuple[float, float]:
+    """A 95% confidence interval of the median, from order statistics (no normality)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    half = 0.98 * n**0.5  # 1.96 * sqrt(n) / 2
+    low = max(int(n / 2 - half), 0)
+    high = min(int(n / 2 + half + 1), n - 1)
+    return ordered[low], ordered[high]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=201, help="rounds (medians over them)")
+    parser.add_argument(
+        "--iters", type=int, default=4, help="iterations per segment (one accumulation window)"
+    )
+    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES])
+    parser.add_argument("--runners", nargs="+", choices=RUNNERS, default=RUNNERS)
+    parser.add_argument(
+        "--clock", choices=CLOCKS, default="thread",
+        help="thread: CPU time of this thread (default; time the OS gives other processes "
+        "on a shared machine is not counted, and with one torch thread all work is here); "
+        "wall: elapsed time",
+    )
+    parser.add_argument(
+        "--check-steps", type=int, default=3, help="updates for the same-work check"
+    )
+    args = parser.parse_args(argv)
+    if args.iters % 4:
+        parser.error("--iters must be a multiple of 4 (the accumulation window)")
+    runners = ["torch", *[r for r in args.runners if r != "torch"]]
+    cases = [c for c in CASES if args.cases is None or c.name in args.cases]
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # denormals would time the CPU's microcode, not the code
+    warnings.filterwarnings("ignore")  # peers' deprecation chatter; it would not change a time
+    logging_quiet()
+
+    print(f"# torch {torch.__version__}, hwoptim {hwoptim.__version__}, {peer_versions()}")
+    print(f"# {platform.python_implementation()} {platform.python_version()}, "
+          f"{platform.machine()}, 1 thread, {args.rounds} rounds x {args.iters} iterations, "
+          f"{args.clock} clock")
+    header = (f"{'case':<26} {'runner':<12} {'us/iter':>8} {'ratio':>6} {'95% CI':>11} "
+              f"{'vs guard':>8} {'same':>7}")
+    print(header)
+    print("-" * len(header))
+    results = []
+    for case in cases:
+        same = check_same_work(case, runners, args.check_steps)
+        out = measure(case, runners, args.rounds, args.iters, CLOCKS[args.clock])
+        guard_ratios = out["ratios"].get("torch+guard")
+        for name in runners:
+            if name in out["skipped"]:
+                print(f"{case.name:<26} {name:<12} {'n/a':>8}  {out['skipped'][name]}")
+                results.append({"case": case.name, "runner": name, "status": "n/a",
+                                "reason": out["skipped"][name]})
+                continue
+            if name not in out["times"]:
+                continue
+            us = statistics.median(out["times"][name]) * 1e6
+            ratio = statistics.median(out["ratios"][name])
+            low, high = median_ci(out["ratios"][name])
+            vs_guard = None
+            if guard_ratios is not None and not name.startswith("torch"):
+                vs_guard = statistics.median(
+                    r / g for r, g in zip(out["ratios"][name], guard_ratios)
+                )
+            shown = "" if vs_guard is None else f"{vs_guard:.3f}"
+            ci = "" if name == "torch" else f"{low:.3f}-{high:.3f}"
+            print(f"{case.name:<26} {name:<12} {us:8.1f} {ratio:6.3f} {ci:>11} {shown:>8} "
+                  f"{same.get(name, float('nan')):7.0e}")
+            results.append({
+                "case": case.name, "runner": name, "status": "ok",
+                "us_per_iter": round(us, 2), "ratio": round(ratio, 4),
+                "ratio_ci95": [round(low, 4), round(high, 4)],
+                "ratio_vs_torch_guard": None if vs_guard is None else round(vs_guard, 4),
+                "max_rel_param_diff": same.get(name),
+            })
+        sys.stdout.flush()
+    print(json.dumps({
+        "benchmark": "hwoptim-overhead", "torch": torch.__version__,
+        "hwoptim": hwoptim.__version__, "peers": peer_versions(), "threads": 1,
+        "rounds": args.rounds, "iters": args.iters, "clock": args.clock, "results": results,
+    }))
+    return 0
+
+
+def peer_versions() -> str:
+    versions = []
+    for module in ("mmengine", "accelerate"):
+        try:
+            versions.append(f"{module} {__import__(module).__version__}")
+        except ImportError:
+            versions.append(f"{module} absent")
+    return ", ".join(versions)
+
+
+def logging_quiet() -> None:
+    """mmengine logs a warning per wrapper; accelerate logs its state: keep the table clean."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    with contextlib.suppress(ImportError):
+        from mmengine.logging import MMLogger
+
+        MMLogger.get_current_instance().setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
