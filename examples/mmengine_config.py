@@ -101,11 +101,9 @@ def compare_with_mmengine(cfg: dict, ours) -> None:
 
     # hwoptim's state dict keeps mmengine's layout (optimizer keys, "loss_scaler") plus an
     # "hwoptim" entry with the accumulation counters, which mmengine ignores.
+    # Without a scaler (bf16/fp32) there is no "loss_scaler" entry: mmengine then keeps the
+    # fresh scaler its AmpOptimWrapper always has.
     state = ours.state_dict()
-    if not state.get("loss_scaler"):
-        # No scaler (bf16/fp32): hwoptim saves "loss_scaler": {}, which mmengine's
-        # AmpOptimWrapper (always scaling) cannot load; its fresh scaler is right anyway.
-        state = {k: v for k, v in state.items() if k != "loss_scaler"}
     theirs.load_state_dict(state)
     ours_state = ours.optimizer.state_dict()["state"]
     theirs_state = theirs.optimizer.state_dict()["state"]

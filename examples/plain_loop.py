@@ -51,7 +51,8 @@ def make_batch(step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, tor
 
 
 def save_checkpoint(path: str, model: nn.Module, wrapper: AmpOptimWrapper, scheduler) -> None:
-    # wrapper.state_dict() is the optimizer's state dict plus "loss_scaler" and "hwoptim"
+    # wrapper.state_dict() is the optimizer's state dict plus "hwoptim" and, when a loss
+    # scaler is on, "loss_scaler"
     # (the accumulation counters), so the checkpoint knows where training stands.
     state = {"model": model.state_dict(), "optim": wrapper.state_dict(),
              "scheduler": scheduler.state_dict()}

@@ -158,9 +158,14 @@ class AmpOptimWrapper(OptimWrapper):
     # -- checkpoints ----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """OptimWrapper's state dict plus mmengine's "loss_scaler" ({} when no scaler is on)."""
+        """OptimWrapper's state dict plus mmengine's "loss_scaler" when a scaler is on.
+
+        Without a scaler (bf16, fp32) the key is left out rather than saved empty:
+        mmengine's AmpOptimWrapper loads a checkpoint without it, but not one with ``{}``.
+        """
         state = super().state_dict()
-        state["loss_scaler"] = {} if self.loss_scaler is None else self.loss_scaler.state_dict()
+        if self.loss_scaler is not None:
+            state["loss_scaler"] = self.loss_scaler.state_dict()
         return state
 
     def _check_state_dict(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:

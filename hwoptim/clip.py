@@ -82,7 +82,8 @@ class ClipGrad:
             kind, "foreach", clip_grad.get("foreach"), allow_none=True
         )
         if kind == "norm":
-            self.max_norm = _number(kind, "max_norm", clip_grad["max_norm"])
+            # inf: measure the norm (last_grad_norm, the non-finite guard), never clip
+            self.max_norm = _number(kind, "max_norm", clip_grad["max_norm"], allow_inf=True)
             norm_type = clip_grad.get("norm_type", 2.0)
             if isinstance(norm_type, str) and norm_type.lower() == "inf":
                 norm_type = math.inf

@@ -128,6 +128,7 @@ class OptimWrapper:
         self.last_grad_norm: Tensor | None = None
         self._skipped: Tensor | None = None
         self._takes_found_inf = _takes_found_inf(optimizer)
+        self._zero_clamped = clip is not None and clip.kind == "value"
 
         self._model: Any = None
         self._pending_no_sync: AbstractContextManager[Any] | None = None
@@ -190,11 +191,14 @@ class OptimWrapper:
                 del optimizer.found_inf  # type: ignore[attr-defined]
             return
         # After clipping by an inf/nan norm every finite gradient is already 0 (clip
-        # coefficient 0); zero the nan ones too, so the step cannot poison parameters.
-        for param in self._params:
-            grad = param.grad
-            if grad is not None:
-                grad.nan_to_num_(0.0, 0.0, 0.0)
+        # coefficient 0); value clipping leaves clamped values, so zero them here. Then the
+        # nan ones become 0 too, and the step cannot put a non-finite value anywhere. No
+        # foreach op maps nan to 0, hence the loop: a fused optimizer avoids its cost.
+        grads = [param.grad for param in self._params if param.grad is not None]
+        if self._zero_clamped:
+            torch._foreach_mul_(grads, 1.0 - found_inf)
+        for grad in grads:
+            grad.nan_to_num_(0.0, 0.0, 0.0)
         optimizer.step(**kwargs)
 
     def zero_grad(self, **kwargs: Any) -> None:
@@ -271,7 +275,11 @@ class OptimWrapper:
             self._remainder_counts = max_counts % acc
 
     def should_update(self) -> bool:
-        """Whether the micro-batch just backpropagated ends a window (checked after backward)."""
+        """Whether the micro-batch just backpropagated ends a window (checked after backward).
+
+        Right after ``update_params`` it tells whether that call stepped the optimizer: the
+        place to step a per-update lr scheduler.
+        """
         return (
             self._inner_count % self._accumulative_counts == 0
             or self._inner_count == self._max_counts
@@ -318,6 +326,16 @@ class OptimWrapper:
         """Micro-batches backpropagated so far (resumed runs start at init_counts)."""
         return self._inner_count
 
+    @property
+    def accumulative_counts(self) -> int:
+        """Micro-batches per optimizer update (accelerate calls it gradient_accumulation_steps)."""
+        return self._accumulative_counts
+
+    @property
+    def loss_scale(self) -> Tensor | None:
+        """The loss scale as a device tensor; None here (no scaler), see AmpOptimWrapper."""
+        return None
+
     # -- observability without host syncs ----------------------------------------------------
 
     @property
@@ -332,6 +350,8 @@ class OptimWrapper:
     def _count_skipped(self, found_inf: Tensor) -> None:
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.float32, device=found_inf.device)
+        elif self._skipped.device != found_inf.device:  # the model moved to another device
+            self._skipped = self._skipped.to(found_inf.device)
         self._skipped.add_(found_inf)
 
     # -- optimizer views ---------------------------------------------------------------------

@@ -334,9 +334,9 @@ def test_a_plain_optimizer_checkpoint_keeps_the_current_scale():
     assert fresh.get_lr() == {"lr": [0.5]} and fresh.loss_scaler.state_dict()["scale"] == 32.0
 
 
-def test_bf16_wrapper_has_an_empty_scaler_entry_and_warns_on_a_saved_scale():
+def test_bf16_wrapper_saves_no_scaler_entry_and_warns_on_a_saved_scale():
     bf16 = AmpOptimWrapper(adamw(make_model()), device="cpu", dtype="bfloat16")
-    assert bf16.state_dict()["loss_scaler"] == {}
+    assert "loss_scaler" not in bf16.state_dict()  # mmengine cannot load an empty one
     _, fp16 = trained_fp16()
     with pytest.warns(UserWarning, match="saved scale is ignored"):
         bf16.load_state_dict(fp16.state_dict())
@@ -353,6 +353,37 @@ def test_a_malformed_scaler_state_raises_before_anything_changes():
     with pytest.raises(ValueError, match="lacks '_growth_tracker'"):
         fresh.load_state_dict(state)
     assert fresh.get_lr() == {"lr": [0.7]}
+
+
+def test_an_empty_scaler_entry_keeps_the_current_scale():
+    fresh = AmpOptimWrapper(adamw(make_model()), device="cpu", dtype="float16", loss_scale={"init_scale": 32.0})
+    fresh.load_state_dict(dict(adamw(make_model()).state_dict(), loss_scaler={}))
+    assert fresh.loss_scaler.state_dict()["scale"] == 32.0
+
+
+def test_a_bf16_checkpoint_loads_into_mmengines_amp_wrapper(monkeypatch):
+    from mmengine.optim import AmpOptimWrapper as MMAmpOptimWrapper
+
+    # mmengine's AmpOptimWrapper refuses to build without an accelerator: let it think it has
+    # one and hand it torch's CPU scaler, so the check is about the checkpoint layout alone.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("mmengine.optim.optimizer.amp_optimizer_wrapper.GradScaler",
+                        lambda **kw: torch.amp.GradScaler("cpu", **kw))
+    model = make_model()
+    ours = AmpOptimWrapper(adamw(model), device="cpu", dtype="bfloat16")
+    ours.update_params(loss_of(model, 0))
+    theirs = MMAmpOptimWrapper(optimizer=adamw(make_model()), dtype="bfloat16")
+    theirs.load_state_dict(ours.state_dict())
+    assert theirs.optimizer.state_dict()["state"].keys() == ours.optimizer.state_dict()["state"].keys()
+
+
+def test_accumulative_counts_and_loss_scale_are_readable_on_every_wrapper():
+    amp = AmpOptimWrapper(adamw(make_model()), device="cpu", dtype="bfloat16", accumulative_counts=3)
+    plain = OptimWrapper(adamw(make_model()), accumulative_counts=2)
+    assert (amp.accumulative_counts, plain.accumulative_counts) == (3, 2)
+    assert amp.loss_scale is None and plain.loss_scale is None
+    with pytest.raises(AttributeError):
+        plain.accumulative_counts = 5  # type: ignore[misc]
 
 
 def test_repr_names_device_dtype_and_scaler():

@@ -26,6 +26,10 @@ def test_norm_options():
     assert clip.kwargs == {"max_norm": 2.0, "norm_type": math.inf, "error_if_nonfinite": True, "foreach": False}
 
 
+def test_infinite_max_norm_is_allowed_to_measure_only():
+    assert ClipGrad(dict(max_norm=math.inf)).max_norm == math.inf
+
+
 def test_value_options():
     assert ClipGrad(dict(type="value", clip_value=0.5, foreach=True)).kwargs == {"clip_value": 0.5, "foreach": True}
 
@@ -43,9 +47,9 @@ def test_value_options():
         (dict(type="value", clip_value=1, max_norm=1), ValueError, "does not take 'max_norm'"),
         (dict(max_norm="1"), ValueError, "max_norm must be a number"),
         (dict(max_norm=True), ValueError, "max_norm must be a number"),
-        (dict(max_norm=0), ValueError, "positive finite"),
-        (dict(max_norm=-1), ValueError, "positive finite"),
-        (dict(max_norm=math.inf), ValueError, "positive finite"),
+        (dict(max_norm=0), ValueError, r"max_norm must be a positive number \(or inf\)"),
+        (dict(max_norm=-1), ValueError, "max_norm must be a positive number"),
+        (dict(max_norm=math.nan), ValueError, "max_norm must be a positive number"),
         (dict(max_norm=1, norm_type=0), ValueError, "norm_type must be a positive number"),
         (dict(max_norm=1, error_if_nonfinite=1), ValueError, "error_if_nonfinite must be True or False"),
         (dict(max_norm=1, foreach="yes"), ValueError, "foreach must be True, False or None"),

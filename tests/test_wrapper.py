@@ -421,6 +421,40 @@ def test_fused_optimizer_skips_the_non_finite_step_on_the_device():
     assert float(wrapper.skipped_steps) == 1
 
 
+def test_value_clipping_zeroes_a_non_finite_step_too():
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model), clip_grad=dict(type="value", clip_value=0.1))
+    before = params_of(model)
+    wrapper.update_params(model(torch.ones(1, 4)).sum() * float("inf"))  # inf, not nan, grads
+    for got, want in zip(model.parameters(), before):
+        assert torch.equal(got, want)  # not stepped with the clamped +-0.1
+    assert float(wrapper.skipped_steps) == 1
+
+
+def test_infinite_max_norm_measures_without_clipping():
+    model, reference = make_model(), make_model()
+    wrapper = OptimWrapper(sgd(model, lr=0.5), clip_grad=dict(max_norm=float("inf")))
+    wrapper.update_params(loss_of(model, 0) * 100)
+    ref_opt = sgd(reference, lr=0.5)
+    (loss_of(reference, 0) * 100).backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
+    ref_opt.step()
+    torch.testing.assert_close(wrapper.last_grad_norm, norm)
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want)
+
+
+def test_skipped_steps_follows_the_gradients_to_another_device():
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model), clip_grad=dict(max_norm=1.0))
+    moved = []
+    # a count kept on another device (as if the first steps ran there): 2 skips so far
+    wrapper._skipped = mock.Mock(device=torch.device("cuda", 0), to=lambda d: moved.append(d) or torch.tensor(2.0))
+    wrapper.update_params(inf_loss(model))
+    assert moved == [torch.device("cpu")]
+    assert wrapper.skipped_steps.device.type == "cpu" and float(wrapper.skipped_steps) == 3
+
+
 def test_error_if_nonfinite_raises_before_touching_anything():
     model = make_model()
     wrapper = OptimWrapper(sgd(model), clip_grad=dict(max_norm=1.0, error_if_nonfinite=True))
