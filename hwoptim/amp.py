@@ -149,11 +149,11 @@ class AmpOptimWrapper(OptimWrapper):
         if not found:
             return
         total = found[0]
-        for other in found[1:]:
+        for other in found[1:]:  # parameters on several devices: any inf skips the step
             total = total + other.to(total.device, non_blocking=True)
-        # One skipped step counts once: found_inf sums over devices, and the sharded
-        # scaler all-reduces it, so it can exceed 1 (and has shape (1,) there).
-        self._count_skipped(total.clamp(max=1.0).view(()))
+        # Counted as skipped when > 0: found_inf sums over devices, and the sharded scaler
+        # all-reduces it, so it can exceed 1 (and has shape (1,) there).
+        self._count_skipped(total)
 
     # -- checkpoints ----------------------------------------------------------------------
 

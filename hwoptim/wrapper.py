@@ -28,6 +28,8 @@ STATE_KEY = "hwoptim"
 #: keys that belong to a wrapper checkpoint but not to the optimizer's state dict
 _WRAPPER_KEYS = frozenset({STATE_KEY, "loss_scaler", "base_param_settings"})
 _EMPTY: Mapping[str, Any] = {}
+#: updates between two folds of the lazily kept skip records into skipped_steps
+_FOLD_EVERY = 256
 
 
 def check_accumulative_counts(value: Any) -> int:
@@ -127,6 +129,11 @@ class OptimWrapper:
         #: then); turning it into a number is a host sync, so log it every N steps
         self.last_grad_norm: Tensor | None = None
         self._skipped: Tensor | None = None
+        # Skips are counted lazily: each update only appends its found_inf (a fused
+        # optimizer's or the scaler's) or its norm (non-finite = skipped) here, and the
+        # lists are folded into _skipped every _FOLD_EVERY updates or when it is read.
+        self._pending_found: list[Tensor] = []
+        self._pending_norms: list[Tensor] = []
         self._takes_found_inf = _takes_found_inf(optimizer)
         self._zero_clamped = clip is not None and clip.kind == "value"
 
@@ -180,10 +187,10 @@ class OptimWrapper:
             self.optimizer.step(**kwargs)
             return
         norm = self._clip_grads()
-        found_inf = _found_inf(norm)
-        self._count_skipped(found_inf)
         optimizer = self.optimizer
         if self._takes_found_inf:
+            found_inf = _found_inf(norm)
+            self._count_skipped(found_inf)
             optimizer.found_inf = found_inf  # type: ignore[attr-defined]
             try:
                 optimizer.step(**kwargs)
@@ -194,9 +201,10 @@ class OptimWrapper:
         # coefficient 0); value clipping leaves clamped values, so zero them here. Then the
         # nan ones become 0 too, and the step cannot put a non-finite value anywhere. No
         # foreach op maps nan to 0, hence the loop: a fused optimizer avoids its cost.
+        self._count_nonfinite(norm)
         grads = [param.grad for param in self._params if param.grad is not None]
         if self._zero_clamped:
-            torch._foreach_mul_(grads, 1.0 - found_inf)
+            torch._foreach_mul_(grads, torch.isfinite(norm).float())
         for grad in grads:
             grad.nan_to_num_(0.0, 0.0, 0.0)
         optimizer.step(**kwargs)
@@ -343,16 +351,39 @@ class OptimWrapper:
         """How many updates had a non-finite gradient and were skipped, as a device tensor.
 
         None until a step has been checked (checks happen when clipping or loss scaling is
-        on). Read it every N steps for logging; reading it is a host sync.
+        on). Read it every N steps for logging; reading its value is a host sync.
         """
+        self._fold_skipped()
         return self._skipped
 
     def _count_skipped(self, found_inf: Tensor) -> None:
+        """Note an update's found_inf (> 0: skipped). No device work until the fold."""
+        self._pending_found.append(found_inf)
+        if len(self._pending_found) >= _FOLD_EVERY:
+            self._fold_skipped()
+
+    def _count_nonfinite(self, norm: Tensor) -> None:
+        """Note an update's gradient norm (inf/nan: skipped). No device work until the fold."""
+        self._pending_norms.append(norm)
+        if len(self._pending_norms) >= _FOLD_EVERY:
+            self._fold_skipped()
+
+    def _fold_skipped(self) -> None:
+        found, norms = self._pending_found, self._pending_norms
+        if not found and not norms:
+            return
+        device = (found or norms)[-1].device  # where the gradients are now
+        count = torch.zeros((), dtype=torch.float32, device=device)
+        if found:
+            count += (torch.stack([f.reshape(()).to(device) for f in found]) > 0).sum()
+        if norms:
+            count += (~torch.isfinite(torch.stack([n.reshape(()).to(device) for n in norms]))).sum()
         if self._skipped is None:
-            self._skipped = torch.zeros((), dtype=torch.float32, device=found_inf.device)
-        elif self._skipped.device != found_inf.device:  # the model moved to another device
-            self._skipped = self._skipped.to(found_inf.device)
-        self._skipped.add_(found_inf)
+            self._skipped = count
+        else:
+            self._skipped = self._skipped.to(device) + count
+        found.clear()
+        norms.clear()
 
     # -- optimizer views ---------------------------------------------------------------------
 

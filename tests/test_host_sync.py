@@ -197,17 +197,20 @@ INJECTED_SYNCS = {
 
 
 def _inject_into_wrapper(monkeypatch: pytest.MonkeyPatch, statement: str) -> None:
-    """Replace OptimWrapper._count_skipped with a version that also runs ``statement``, as
-    code of hwoptim.wrapper (its globals), the way a regression would be written there."""
+    """Replace OptimWrapper._clip_grads (run by every configuration here: all clip) with a
+    version that also runs ``statement`` on the norm, as code of hwoptim.wrapper (its
+    globals), the way a regression would be written there."""
     source = (
-        "def _count_skipped(self, found_inf):\n"
+        "def _clip_grads(self):\n"
+        "    norm = _original_clip_grads(self)\n"
+        "    found_inf = _found_inf(norm)\n"  # 0.0 or 1.0: int() and bool() work on it
         f"    {statement}\n"
-        "    return _original_count_skipped(self, found_inf)\n"
+        "    return norm\n"
     )
     namespace = dict(vars(hwoptim.wrapper))  # __name__ == "hwoptim.wrapper"
-    namespace["_original_count_skipped"] = hwoptim.OptimWrapper._count_skipped
+    namespace["_original_clip_grads"] = hwoptim.OptimWrapper._clip_grads
     exec(compile(source, hwoptim.wrapper.__file__, "exec"), namespace)
-    monkeypatch.setattr(hwoptim.OptimWrapper, "_count_skipped", namespace["_count_skipped"])
+    monkeypatch.setattr(hwoptim.OptimWrapper, "_clip_grads", namespace["_clip_grads"])
 
 
 @pytest.mark.parametrize("config", ["fp32", "bf16", "fp16-fused"])

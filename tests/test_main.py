@@ -62,6 +62,26 @@ def test_bad_flags_are_argparse_errors(argv, capsys):
     assert "usage:" in capsys.readouterr().err
 
 
+def test_demo_plots_loss_and_loss_scale(tmp_path, capsys):
+    path = tmp_path / "curves.png"
+    argv = ["demo", "--device", "cpu", "--dtype", "float16", "--steps", "20", "--quiet", "--plot", str(path)]
+    assert main(argv) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(path) in capsys.readouterr().out
+
+
+def test_demo_progress_bar_shows_loss_norm_and_scale(capsys):
+    assert main(["demo", "--device", "cpu", "--dtype", "float16", "--steps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "loss=" in out and "grad_norm=" in out and "scale=" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="torch_npu is installed here")
+def test_demo_on_a_missing_device_says_what_to_install(capsys):
+    assert main(["demo", "--device", "npu", "--quiet"]) == 2
+    assert 'pip install "hwoptim[npu]"' in capsys.readouterr().err
+
+
 def test_unavailable_device_says_what_to_do(capsys):
     assert main(["demo", "--device", "tpu", "--quiet"]) == 2
     assert "unknown device 'tpu'" in capsys.readouterr().err

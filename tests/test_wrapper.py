@@ -451,8 +451,23 @@ def test_skipped_steps_follows_the_gradients_to_another_device():
     # a count kept on another device (as if the first steps ran there): 2 skips so far
     wrapper._skipped = mock.Mock(device=torch.device("cuda", 0), to=lambda d: moved.append(d) or torch.tensor(2.0))
     wrapper.update_params(inf_loss(model))
+    skipped = wrapper.skipped_steps  # folds the pending record into the count
     assert moved == [torch.device("cpu")]
-    assert wrapper.skipped_steps.device.type == "cpu" and float(wrapper.skipped_steps) == 3
+    assert skipped.device.type == "cpu" and float(skipped) == 3
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_skips_are_counted_exactly_across_folds(fused):
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.01, fused=fused), clip_grad=dict(max_norm=1.0))
+    bad = {3, 255, 256, 300, 511, 512, 600}
+    for i in range(700):  # past two folds of the pending records (every 256 updates)
+        wrapper.update_params(inf_loss(model) if i in bad else loss_of(model, i))
+        if i == 400:
+            assert float(wrapper.skipped_steps) == 4  # a read folds early; counting goes on
+    assert len(wrapper._pending_norms) + len(wrapper._pending_found) < 256
+    assert float(wrapper.skipped_steps) == len(bad)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_error_if_nonfinite_raises_before_touching_anything():
