@@ -8,8 +8,9 @@ pass on the gradients of the models of ``overhead.py`` and compares it, per upda
 - ``foreach_mul``: one ``torch._foreach_mul_`` over the same gradients, the multiply the
   clip itself does: the unit of "one elementwise pass";
 - ``clip``: ``torch.nn.utils.clip_grad_norm_`` as a whole;
-- ``found_inf``: the guard's fixed part, ``(norm * 0).nan_to_num_(nan=1.0)`` and the
-  ``skipped_steps`` counter;
+- ``found_inf``: the fixed part of the guard with a fused optimizer,
+  ``(norm * 0).nan_to_num_(nan=1.0)`` (the skip count is kept lazily, a list append per
+  update, so it costs no device op);
 - ``flat``: the one sync-free alternative with the same result in torch's op set: flatten
   the gradients into one buffer, clean it with one ``nan_to_num_`` and copy it back (no
   ``foreach`` op maps nan to 0: ``nan * 0`` is nan and all foreach arithmetic propagates it);
@@ -51,7 +52,6 @@ def gradients(kind: str) -> list[nn.Parameter]:
 def variants(params: list[nn.Parameter]) -> dict[str, Callable[[], object]]:
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
-    skipped = torch.zeros(())
 
     def loop() -> None:  # hwoptim's guard, as in OptimWrapper.step
         for param in params:
@@ -72,7 +72,7 @@ def variants(params: list[nn.Parameter]) -> dict[str, Callable[[], object]]:
         torch._foreach_copy_(current, _unflatten_dense_tensors(buffer, current))
 
     def found_inf() -> None:
-        skipped.add_((norm * 0.0).nan_to_num_(nan=1.0))
+        (norm * 0.0).nan_to_num_(nan=1.0)
 
     return {
         "foreach_mul": lambda: torch._foreach_mul_(grads, 1.0),

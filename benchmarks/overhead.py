@@ -181,11 +181,12 @@ def build_torch(case: Case, model: nn.Module, batches: list[Batch], guard: bool 
     """The loop a user writes by hand for ``case``; ``guard``: plus hwoptim's guarantee.
 
     GUARD (what hwoptim adds by design, and this runner reproduces with ``guard=True``):
-    with clipping, found_inf = (norm * 0).nan_to_num_(nan=1.0) is computed on the device
-    and added to a skipped-step counter; a fused optimizer gets it as ``found_inf`` and
-    skips a non-finite step itself, any other optimizer gets its gradients zeroed where
-    non-finite, so a bad step never reaches the parameters. Under fp16 the scaler already
-    skips such steps; the guard is only the counter, fed from the scaler's found_inf.
+    with clipping, a fused optimizer gets found_inf = (norm * 0).nan_to_num_(nan=1.0) as
+    ``found_inf`` and skips a non-finite step itself; any other optimizer gets its gradients'
+    nans zeroed (after a clip by an inf/nan norm every finite one is already 0), so a bad
+    step never reaches the parameters. Under fp16 the scaler already skips such steps. The
+    skipped-step count is kept as hwoptim keeps it: each update appends its found_inf (or,
+    non-fused, its norm) to a list that is folded into the count every 256 updates.
     """
     optimizer = make_optimizer(model, case)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -196,14 +197,24 @@ def build_torch(case: Case, model: nn.Module, batches: list[Batch], guard: bool 
     n_batches = len(batches)
     count = 0
 
+    pending: list[Tensor] = []  # found_inf > 0, or a non-finite norm: a skipped update
+
+    def note(value: Tensor) -> None:
+        pending.append(value)
+        if len(pending) >= 256:
+            stacked = torch.stack([v.reshape(()) for v in pending])
+            skipped.add_(((stacked > 0) | ~torch.isfinite(stacked)).sum())
+            pending.clear()
+
     def guarded_step(norm: Tensor) -> None:
-        found_inf = (norm * 0.0).nan_to_num_(nan=1.0)
-        skipped.add_(found_inf)
         if case.fused:
+            found_inf = (norm * 0.0).nan_to_num_(nan=1.0)
+            note(found_inf)
             optimizer.found_inf = found_inf  # type: ignore[attr-defined]
             optimizer.step()
             del optimizer.found_inf  # type: ignore[attr-defined]
         else:
+            note(norm)
             for p in params:
                 if p.grad is not None:
                     p.grad.nan_to_num_(0.0, 0.0, 0.0)
@@ -235,7 +246,7 @@ def build_torch(case: Case, model: nn.Module, batches: list[Batch], guard: bool 
                 if guard:  # one device here: its found_inf is the count
                     states = scaler._per_optimizer_states[id(optimizer)]
                     (found_inf,) = states["found_inf_per_device"].values()
-                    skipped.add_(found_inf)
+                    note(found_inf)
                 scaler.update()
             elif max_norm is None:
                 optimizer.step()

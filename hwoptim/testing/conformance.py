@@ -166,7 +166,11 @@ class BackendConformance:
                 backend.resolve_dtype(dtype)
             return
         if conformance_mode == MOCKED and dtype not in _CPU_AUTOCAST:
-            pytest.skip(f"CPU autocast cannot stand in for {dtype_name(dtype)}")
+            # CPU autocast cannot stand in for it (float64 on cuda): check what the CPU can,
+            # that the backend accepts the dtype, and leave the matmul to the unmocked run.
+            assert backend.resolve_dtype(dtype) == dtype
+            assert backend.resolve_dtype(dtype_name(dtype)) == dtype
+            return
         x = torch.randn(8, 8, device=backend.device())
         with backend.autocast(backend.resolve_dtype(dtype)):
             y = x @ x
