@@ -1,4 +1,4 @@
-"""Small assertions the test modules share."""
+"""Small assertions and loops the test modules share."""
 
 from __future__ import annotations
 
@@ -24,3 +24,21 @@ def assert_same(a: Any, b: Any, path: str = "state") -> None:
             assert_same(x, y, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def run_micro_batches(wrapper: Any, model: Any, steps: int, pattern: str) -> None:
+    """``steps`` micro-batches of ``model(ones(1, 2)).sum()`` in one of the two calling patterns.
+
+    "mmengine": the forward inside ``optim_context``, ``update_params`` after the block (the
+    backward then runs outside it); "inside": the whole body inside the block.
+    """
+    for _ in range(steps):
+        if pattern == "mmengine":
+            with wrapper.optim_context(model):
+                loss = model(torch.ones(1, 2)).sum()
+            wrapper.update_params(loss)
+        elif pattern == "inside":
+            with wrapper.optim_context(model):
+                wrapper.update_params(model(torch.ones(1, 2)).sum())
+        else:
+            raise ValueError(f"pattern must be 'mmengine' or 'inside'; got {pattern!r}")

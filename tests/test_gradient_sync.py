@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers import run_micro_batches
 from torch import nn
 
 from hwoptim import OptimWrapper, get_backend
@@ -182,14 +183,7 @@ def test_fsdp2_submodule_skip_lasts_until_the_backward_of_each_non_updating_micr
     model[0].weight.register_hook(lambda g: seen.append((model[0].sync, model[2].sync)))
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
     wrapper.initialize_count_status(model, 0, 5)
-    for _ in range(5):
-        if pattern == "mmengine":
-            with wrapper.optim_context(model):
-                loss = model(torch.ones(1, 2)).sum()
-            wrapper.update_params(loss)
-        else:
-            with wrapper.optim_context(model):
-                wrapper.update_params(model(torch.ones(1, 2)).sum())
+    run_micro_batches(wrapper, model, 5, pattern)
     # windows [0,1] [2,3] [4]: sync off in the backward of 0 and 2 only, both modules
     assert [a for a, _ in seen] == [False, True, False, True, True]
     assert [b for _, b in seen] == [False, True, False, True, True]

@@ -9,6 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import run_micro_batches
 from torch import nn
 
 from hwoptim import OptimWrapper
@@ -524,14 +525,7 @@ def test_sync_is_skipped_during_the_backward_of_non_updating_micro_batches(model
     model = model_cls()
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=3)
     wrapper.initialize_count_status(model, 0, 7)
-    for _ in range(7):
-        if pattern == "mmengine":  # forward inside, update_params after the block
-            with wrapper.optim_context(model):
-                loss = model(torch.ones(1, 2)).sum()
-            wrapper.update_params(loss)
-        else:
-            with wrapper.optim_context(model):
-                wrapper.update_params(model(torch.ones(1, 2)).sum())
+    run_micro_batches(wrapper, model, 7, pattern)
     # windows [0,1,2] [3,4,5] [6]: only the last micro-batch of each syncs
     assert model.backward_sync == [False, False, True, False, False, True, True]
     assert model.syncing is True
