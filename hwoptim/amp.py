@@ -101,7 +101,6 @@ class AmpOptimWrapper(OptimWrapper):
         self.backend = backend
         self.device: torch.device = backend.device()
         self.cast_dtype: torch.dtype = cast_dtype
-        self._use_fsdp = use_fsdp
         self.loss_scaler = (
             None if scaler_kwargs is None else backend.grad_scaler(sharded=use_fsdp, **scaler_kwargs)
         )
