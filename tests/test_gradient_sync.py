@@ -195,3 +195,60 @@ def test_every_built_in_backend_skips_through_the_shared_default() -> None:
     with get_backend("cpu").no_sync(model):
         assert model[0].sync is False
     assert model[0].sync is True
+
+
+class StaticGraphDDPLike(DDPLike):
+    """DDP(static_graph=True) as hwoptim sees it: the flag DDP sets in the first synchronised
+    backward, set here by a gradient hook that runs only while synchronising."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.static_graph = True
+        self._static_graph_delay_allreduce_enqueued = False
+        self.backward_syncing: list[bool] = []
+        self.module.weight.register_hook(self._on_grad)
+
+    def _on_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        self.backward_syncing.append(self.sync)
+        if self.sync:
+            self._static_graph_delay_allreduce_enqueued = True
+        return grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def test_a_static_graph_ddp_is_not_switched_off_before_its_first_synchronised_backward() -> None:
+    model = StaticGraphDDPLike()
+    with skip_gradient_sync(model):
+        assert model.sync is True  # torch cannot start a static graph under no_sync()
+    model._static_graph_delay_allreduce_enqueued = True
+    with skip_gradient_sync(model):
+        assert model.sync is False
+    assert model.entered == 1
+
+
+def test_static_graph_ddp_parts_of_a_plain_root_start_synchronised_too() -> None:
+    model = nn.ModuleDict({"g": StaticGraphDDPLike(), "d": DDPLike()})
+    with skip_gradient_sync(model):
+        assert (model["g"].sync, model["d"].sync) == (True, False)
+    assert (model["g"].entered, model["d"].entered) == (0, 1)
+
+
+@pytest.mark.parametrize("pattern", ["mmengine", "inside"])
+def test_static_graph_ddp_synchronises_the_first_micro_batch_then_skips_as_usual(
+    pattern: str,
+) -> None:
+    model = StaticGraphDDPLike()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=3)
+    wrapper.initialize_count_status(model, 0, 9)
+    run_micro_batches(wrapper, model, 9, pattern)
+    # windows [0,1,2] [3,4,5] [6,7,8]: only micro-batch 0 syncs where it would not otherwise
+    assert model.backward_syncing == [True, False, True] + [False, False, True] * 2
+
+
+def test_a_ddp_whose_static_graph_flag_is_unknown_to_torch_is_switched_off() -> None:
+    model = StaticGraphDDPLike()
+    del model._static_graph_delay_allreduce_enqueued  # a torch that handles no_sync itself
+    with skip_gradient_sync(model):
+        assert model.sync is False

@@ -330,6 +330,10 @@ def skip_gradient_sync(model: Any) -> AbstractContextManager[Any]:
       each outermost one.
     - A plain module: nothing.
 
+    One exception: a DDP built with ``static_graph=True`` synchronises the micro-batches
+    before its first synchronised backward, since torch cannot start a static graph under
+    ``no_sync()`` (see ``_in_first_static_graph_iteration``).
+
     A ``torch.compile`` wrapper is looked through. Which modules to switch is decided the
     first time a model is seen and remembered for it, weakly (the cache never keeps a model
     alive), so a micro-batch pays a dictionary lookup, not a walk over all modules. Wrap or
@@ -422,10 +426,29 @@ def _skip_sync(
     if fsdp2:
         return _requires_gradient_sync_off(fsdp2)
     if len(no_sync) == 1:
-        return no_sync[0].no_sync()  # type: ignore[no-any-return]
+        module = no_sync[0]
+        if _in_first_static_graph_iteration(module):
+            return contextlib.nullcontext()
+        return module.no_sync()  # type: ignore[no-any-return]
     if no_sync:
         return _all_no_sync(no_sync)
     return contextlib.nullcontext()
+
+
+def _in_first_static_graph_iteration(module: Any) -> bool:
+    """Whether ``module`` is a static-graph DDP that has not yet run a synchronised backward.
+
+    DDP(static_graph=True) records the graph during its first synchronised backward, and
+    torch breaks when that iteration starts under ``no_sync()``: the first backward fails
+    with "expect_autograd_hooks_ INTERNAL ASSERT FAILED" (pytorch/pytorch#143580, fixes
+    #166388 and #187732 open as of torch 2.13). Such a micro-batch synchronises instead:
+    the gradient of a window is the same sum, it only costs one extra all-reduce, once.
+    DDP sets ``_static_graph_delay_allreduce_enqueued`` in that first synchronised backward;
+    a torch without the attribute is trusted to handle ``no_sync()`` itself.
+    """
+    return getattr(module, "static_graph", False) is True and not getattr(
+        module, "_static_graph_delay_allreduce_enqueued", True
+    )
 
 
 def _set_gradient_sync(fsdp2: tuple[tuple[Any, bool], ...], flag: bool) -> None:
@@ -451,5 +474,6 @@ def _requires_gradient_sync_off(fsdp2: tuple[tuple[Any, bool], ...]) -> Iterator
 def _all_no_sync(modules: tuple[Any, ...]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for module in modules:
-            stack.enter_context(module.no_sync())
+            if not _in_first_static_graph_iteration(module):
+                stack.enter_context(module.no_sync())
         yield
