@@ -1,26 +1,18 @@
 """What each rank of tests/test_distributed.py runs: training scenarios under real
-torch.distributed (gloo on CPU), and the model, data and reference the tests share.
-
-The processes are started once per test module (``launch``) and run several scenarios in
-a row; each rank saves each scenario's result as ``<name>.rank<r>.pt`` in the work
-folder, where the tests read it. A scenario that raises writes ``<name>.rank<r>.err``
-with its traceback and ends the run: the other rank would otherwise wait in a collective.
+torch.distributed (gloo on CPU, 2 ranks), and the model, data and reference the tests
+share. tests/_dist_harness.py starts the ranks and runs the scenarios, each on its own.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import os
-import time
-import traceback
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from _dist_harness import REDUCE_SCATTER, counting, counting_reduce_scatter, ddp_with_counter, launch
 from torch import nn
 from torch.nn import functional as F
 
@@ -107,107 +99,6 @@ def params_of(model: nn.Module) -> list[torch.Tensor]:
         full = getattr(p, "full_tensor", None)
         out.append((full() if full is not None else p).detach().clone())
     return out
-
-
-# -- process management (run in the pytest process) ----------------------------------------------
-
-
-_PRELOAD = [
-    "torch",
-    "torch._dynamo",
-    "torch.distributed.fsdp",
-    "torch.nn.parallel",
-    "hwoptim",
-    "_dist_worker",
-]
-
-
-def launch(workdir: Path, scenarios: Sequence[str], timeout: float = 180.0) -> None:
-    """Run ``scenarios`` on WORLD_SIZE fresh processes; raise if a rank fails or hangs."""
-    import multiprocessing
-
-    import torch.multiprocessing as mp
-
-    # Every rank would spend seconds importing torch and torch._dynamo (DDP imports it);
-    # a fork server imports them once, and each launch forks its ranks from it. The fork
-    # server never touches torch.distributed or OpenMP, so forking it is safe.
-    multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
-    context = mp.start_processes(
-        run_rank,
-        args=(WORLD_SIZE, str(workdir), list(scenarios), f"{workdir}/store-{uuid.uuid4().hex}"),
-        nprocs=WORLD_SIZE,
-        join=False,
-        start_method="forkserver",
-    )
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            raise TimeoutError(f"distributed scenarios {list(scenarios)} ran past {timeout}s")
-
-
-def run_rank(rank: int, world_size: int, workdir: str, scenarios: list[str], store: str) -> None:
-    torch.set_num_threads(1)  # two ranks share a small CI machine
-    # The store is a file in this run's own folder: no TCP port to clash with other runs.
-    dist.init_process_group(
-        get_backend("cpu").dist_backend,
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        for name in scenarios:
-            try:
-                result = SCENARIOS[name](rank, Path(workdir))
-            except BaseException:
-                Path(workdir, f"{name}.rank{rank}.err").write_text(traceback.format_exc())
-                raise
-            torch.save(result, Path(workdir, f"{name}.rank{rank}.pt"))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-# -- counting collectives ----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def counting_reduce_scatter() -> Iterator[list[int]]:
-    """Count calls of ``dist.reduce_scatter_single``, the function FSDP2 reduces through
-    (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, looked up on ``dist`` at
-    call time, so patching the module attribute sees every call)."""
-    calls = [0]
-    original = dist.reduce_scatter_single
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    dist.reduce_scatter_single = counted
-    try:
-        yield calls
-    finally:
-        dist.reduce_scatter_single = original
-
-
-def ddp_with_counter(model: nn.Module) -> tuple[nn.Module, list[int]]:
-    """DDP over ``model`` whose every all-reduce passes a counting comm hook."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from torch.nn.parallel import DistributedDataParallel
-
-    ddp = DistributedDataParallel(model)
-    calls = [0]
-
-    # No annotations: DDP checks them, and postponed (string) annotations fail its check.
-    def counting_allreduce(state, bucket):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        return default_hooks.allreduce_hook(state, bucket)
-
-    ddp.register_comm_hook(None, counting_allreduce)
-    return ddp, calls
 
 
 def fsdp2_model(shard_root: bool = True) -> nn.Sequential:
@@ -417,22 +308,10 @@ def fsdp1_gpu_rank(rank: int, world_size: int, store: str, out: str) -> None:
         fsdp = FullyShardedDataParallel(make_model().to(backend.device()))
         wrapper = OptimWrapper(sgd(fsdp), accumulative_counts=ACC, clip_grad=CLIP)
         wrapper.initialize_count_status(fsdp, 0, N_ITERS)
-        calls = [0]
-        # FSDP1 reduces gradients through these (torch/distributed/fsdp/_runtime_utils.py),
-        # and its clip_grad_norm_ all-reduces the norm.
-        originals = {n: getattr(dist, n) for n in ("reduce_scatter_single", "all_reduce")}
-
-        def counting(original: Callable[..., Any]) -> Callable[..., Any]:
-            def call(*args: Any, **kwargs: Any) -> Any:
-                calls[0] += 1
-                return original(*args, **kwargs)
-
-            return call
-
-        for name, original in originals.items():
-            setattr(dist, name, counting(original))
+        # FSDP1 reduces gradients through the same functions as FSDP2
+        # (torch/distributed/fsdp/_runtime_utils.py), and its clip_grad_norm_ all-reduces.
         counts = []
-        try:
+        with counting(*REDUCE_SCATTER, "all_reduce") as calls:
             for i in range(N_ITERS):
                 x, y = (t.to(backend.device()) for t in batch(i, rank))
                 before = calls[0]
@@ -440,9 +319,6 @@ def fsdp1_gpu_rank(rank: int, world_size: int, store: str, out: str) -> None:
                     loss = loss_fn(fsdp(x), y)
                 wrapper.update_params(loss)
                 counts.append(calls[0] - before)
-        finally:
-            for name, original in originals.items():
-                setattr(dist, name, original)
         state = {k: v.detach().cpu().clone() for k, v in fsdp.state_dict().items()}
         torch.save({"collectives": counts, "state": state}, Path(out, f"rank{rank}.pt"))
     finally:
@@ -474,7 +350,9 @@ if __name__ == "__main__":  # for debugging a scenario by hand: python tests/_di
     import tempfile
 
     folder = Path(tempfile.mkdtemp())
-    launch(folder, sys.argv[1:] or FIRST_LAUNCH)
+    launch(folder, "_dist_worker", sys.argv[1:] or FIRST_LAUNCH, WORLD_SIZE)
+    for path in sorted(folder.glob("*.err")):
+        print(path.name, path.read_text())
     for path in sorted(folder.glob("*.pt")):
         print(path.name, torch.load(path, weights_only=False))
     print("results in", folder, os.linesep)

@@ -9,7 +9,8 @@ global norm; the sharded loss scaler keeps every rank in step; a checkpoint resu
 exactly. Parameters are compared with one process training on the concatenated batches.
 
 The processes are started twice per session (once for everything, once more to resume
-from a checkpoint in fresh processes); see tests/_dist_worker.py for what each rank runs.
+from a checkpoint in fresh processes); see tests/_dist_worker.py for what each rank runs
+and tests/_dist_harness.py for how (each scenario on its own: one failure reports itself).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from _dist_harness import Runs
 from _dist_worker import (
     ACC,
     CLIP,
@@ -35,7 +37,6 @@ from _dist_worker import (
     batch,
     fsdp1_gpu_rank,
     fused_adamw,
-    launch,
     loss_fn,
     make_model,
     params_of,
@@ -56,44 +57,17 @@ distributed = pytest.mark.dist
 # -- running the ranks once, reading their results -------------------------------------------------
 
 
-class Runs:
-    """The results the ranks saved, or the reason there are none."""
-
-    def __init__(self, workdir: Path, failure: str | None) -> None:
-        self.workdir = workdir
-        self.failure = failure
-
-    def __call__(self, scenario: str) -> list[dict[str, Any]]:
-        """Each rank's result of ``scenario``; fails the test with the ranks' tracebacks."""
-        paths = [self.workdir / f"{scenario}.rank{r}.pt" for r in range(WORLD_SIZE)]
-        if all(p.exists() for p in paths):
-            return [torch.load(p, weights_only=False) for p in paths]
-        errors = "\n".join(p.read_text() for p in sorted(self.workdir.glob("*.err")))
-        pytest.fail(
-            f"scenario {scenario!r} left no result: {self.failure or 'no launch error'}\n{errors}"
-        )
-
-
-def _launch(workdir: Path, scenarios: Sequence[str]) -> str | None:
-    try:
-        launch(workdir, scenarios)
-    except Exception as exc:  # reported by every test that needs a missing result
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    workdir = tmp_path_factory.mktemp("dist")
-    return Runs(workdir, _launch(workdir, FIRST_LAUNCH))
+    return Runs.start(tmp_path_factory.mktemp("dist"), "_dist_worker", FIRST_LAUNCH, WORLD_SIZE)
 
 
 @pytest.fixture(scope="module")
 def resumed(runs: Runs) -> Runs:
     """Fresh processes that load the checkpoint the first launch saved and finish the run."""
     if not (runs.workdir / "ckpt.pt").exists():
-        return Runs(runs.workdir, runs.failure or "the first launch saved no checkpoint")
-    return Runs(runs.workdir, _launch(runs.workdir, ["ddp_resumed"]))
+        return Runs(runs.workdir, WORLD_SIZE, runs.failure or "the first launch saved no checkpoint")
+    return Runs.start(runs.workdir, "_dist_worker", ["ddp_resumed"], WORLD_SIZE)
 
 
 # -- single-process references ---------------------------------------------------------------------
