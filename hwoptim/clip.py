@@ -113,8 +113,10 @@ class ClipGrad:
         Decided once per model: an FSDP1 module clips through its own ``clip_grad_norm_``
         (the norm over all shards, not this rank's); everything else, FSDP2's DTensor
         gradients included, through torch.nn.utils, whose norm over DTensors is the global
-        one (returned as a plain tensor, see ``global_norm``). ``scaled``: a loss scaler is
-        on, so a non-finite norm is an overflow the scaler skips, never an error.
+        one (returned as a plain tensor, see ``global_norm``). On a mesh of two or more
+        dimensions (HSDP, FSDP2 + tensor parallel) the ranks also agree on whether it is
+        finite before it clips (``_MeshAgreement``). ``scaled``: a loss scaler is on, so a
+        non-finite norm is an overflow the scaler skips, never an error.
         """
         error = self.error_if_nonfinite and not scaled
         if self.kind == "value":
@@ -124,11 +126,23 @@ class ClipGrad:
         if callable(module_clip):
             return self._module_norm_fn(module_clip, error)
         max_norm, norm_type, foreach = self.max_norm, self.norm_type, self.foreach
-        clip = torch.nn.utils.clip_grad_norm_
+        total_norm, clip_with_norm = _total_norm_fn(), _clip_with_norm_fn()
+        agree = _MeshAgreement()
 
         def clip_norm(params: Sequence[Tensor]) -> Tensor:
-            norm = clip(params, max_norm, norm_type, error, foreach)
-            return norm if type(norm) is Tensor else global_norm(norm)
+            # torch's clip_grad_norm_ in two halves, so that over DTensor gradients the
+            # norm that clips is the global one every replica agrees on
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = total_norm(grads, norm_type, error, foreach)
+            if type(norm) is not Tensor:
+                norm = agree(global_norm(norm), getattr(norm, "device_mesh", None))
+                if error and not bool(torch.isfinite(norm)):  # opted in: this sync is the point
+                    raise RuntimeError(
+                        f"the total gradient norm is {norm} on some rank of the mesh, so it "
+                        "cannot be clipped (clip_grad error_if_nonfinite=True)"
+                    )
+            clip_with_norm(params, max_norm, norm, foreach)
+            return norm
 
         return clip_norm
 
@@ -152,7 +166,7 @@ class ClipGrad:
 
         def clip_value_(params: Sequence[Tensor]) -> Tensor:
             grads = [p.grad for p in params if p.grad is not None]
-            norm = total_norm(grads, foreach)
+            norm = total_norm(grads, 2.0, False, foreach)
             if grads:
                 torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
             return norm if type(norm) is Tensor else global_norm(norm)
@@ -164,19 +178,91 @@ class ClipGrad:
         return f"dict(type={self.kind!r}, {args})"
 
 
-def _total_norm_fn() -> Callable[[list[Tensor], bool | None], Tensor]:
+_TotalNormFn = Callable[[list[Tensor], float, bool, "bool | None"], Tensor]
+_ClipWithNormFn = Callable[[Sequence[Tensor], float, Tensor, "bool | None"], None]
+
+
+def _total_norm_fn() -> _TotalNormFn:
+    """torch.nn.utils.get_total_norm, or the same computed by hand before torch 2.6."""
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if get_total_norm is not None:
-        return lambda grads, foreach: cast(Tensor, get_total_norm(grads, 2.0, False, foreach))
+        return cast(_TotalNormFn, get_total_norm)
 
-    def fallback(grads: list[Tensor], foreach: bool | None) -> Tensor:  # torch < 2.6
+    def fallback(grads: list[Tensor], norm_type: float, error: bool, foreach: bool | None) -> Tensor:
         if not grads:
             return torch.tensor(0.0)
-        norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]
         device = grads[0].device
-        return cast(Tensor, torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0))
+        norms = [torch.linalg.vector_norm(g.detach(), norm_type).to(device) for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        if error and not bool(torch.isfinite(norm)):
+            raise RuntimeError(f"the total gradient norm is {norm}, so it cannot be clipped")
+        return cast(Tensor, norm)
 
     return fallback
+
+
+def _clip_with_norm_fn() -> _ClipWithNormFn:
+    """torch.nn.utils.clip_grads_with_norm_, or the same before torch 2.6."""
+    clip_grads_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)
+    if clip_grads_with_norm is not None:
+        return cast(_ClipWithNormFn, clip_grads_with_norm)
+
+    @torch.no_grad()
+    def fallback(
+        params: Sequence[Tensor], max_norm: float, norm: Tensor, foreach: bool | None
+    ) -> None:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for param in params:
+            if param.grad is not None:
+                param.grad.mul_(coef.to(param.grad.device))
+
+    return fallback
+
+
+class _MeshAgreement:
+    """Makes a global norm over DTensor gradients agree across the replicas of a mesh.
+
+    On a mesh of two or more dimensions (HSDP's replicate x shard, FSDP2 + tensor
+    parallel) some dimension holds copies of the gradients, and the norm is computed on
+    each copy without comparing them: a fault after the replicas' all-reduce (silent data
+    corruption on one replica) would make one replica skip the step and another take it,
+    and their weights would part for good. So the non-finite flag is all-reduced over the
+    whole mesh -- one scalar collective per update, no host sync -- and where any rank's
+    norm is inf or nan, every rank's becomes nan (a rank's own inf stays inf): all skip.
+    A one-dimensional mesh (FSDP2) needs nothing: its norm is already one all-reduce
+    over every rank of it.
+    """
+
+    __slots__ = ("_groups", "_mesh")
+
+    def __init__(self) -> None:
+        self._mesh: Any = None
+        self._groups: tuple[Any, ...] = ()
+
+    def __call__(self, norm: Tensor, mesh: Any) -> Tensor:
+        """``norm`` (a plain tensor, global over ``mesh``) as every rank of the mesh sees it."""
+        if mesh is not self._mesh:  # decided once per mesh
+            self._mesh, self._groups = mesh, _agreement_groups(mesh)
+        if not self._groups:
+            return norm
+        import torch.distributed as dist
+
+        bad = (norm * 0.0).nan_to_num_(nan=1.0)  # 1 where inf or nan, else 0
+        anywhere = bad.clone()
+        for group in self._groups:
+            dist.all_reduce(anywhere, group=group)
+        return torch.where((anywhere > 0) & (bad == 0), torch.nan, norm)
+
+
+def _agreement_groups(mesh: Any) -> tuple[Any, ...]:
+    """The process groups that together span ``mesh`` (none for a 1-D mesh, see above)."""
+    if mesh is None or mesh.ndim < 2:
+        return ()
+    import torch.distributed as dist
+
+    if mesh.size() == dist.get_world_size():
+        return (None,)  # the default group: one all-reduce
+    return tuple(mesh.get_group(dim) for dim in range(mesh.ndim) if mesh.size(dim) > 1)
 
 
 def global_norm(norm: Tensor) -> Tensor:
