@@ -163,13 +163,17 @@ class ClipGrad:
     def _value_fn(self) -> ClipFn:
         clip_value, foreach = self.clip_value, self.foreach
         total_norm = _total_norm_fn()
+        agree = _MeshAgreement()
 
         def clip_value_(params: Sequence[Tensor]) -> Tensor:
             grads = [p.grad for p in params if p.grad is not None]
             norm = total_norm(grads, 2.0, False, foreach)
             if grads:
                 torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
-            return norm if type(norm) is Tensor else global_norm(norm)
+            if type(norm) is Tensor:
+                return norm
+            # the step zeroes the clamped gradients by this norm: replicas must agree on it
+            return agree(global_norm(norm), getattr(norm, "device_mesh", None))
 
         return clip_value_
 

@@ -87,6 +87,10 @@ def reference(
 # -- meshes ------------------------------------------------------------------------------------
 
 
+def plain_sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
 def hsdp_model() -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -140,9 +144,18 @@ def _poison_local_grad(model: nn.Module) -> None:
     local.view(-1)[0] = float("inf")
 
 
-def _hsdp_fault_on_one_replica(rank: int, make_optimizer: Callable[..., Any]) -> dict[str, Any]:
+#: the fault scenarios: name -> (optimizer, clip_grad)
+FAULT_RUNS: dict[str, tuple[Callable[[nn.Module], torch.optim.Optimizer], dict[str, Any]]] = {
+    "fused": (fused_adamw, dict(max_norm=1.0)),
+    "sgd": (plain_sgd, dict(max_norm=1.0)),
+    "sgd_value": (plain_sgd, dict(type="value", clip_value=0.05)),
+}
+
+
+def _hsdp_fault_on_one_replica(rank: int, run: str) -> dict[str, Any]:
+    make_optimizer, clip_grad = FAULT_RUNS[run]
     model = hsdp_model()
-    wrapper = OptimWrapper(make_optimizer(model), clip_grad=dict(max_norm=1.0))
+    wrapper = OptimWrapper(make_optimizer(model), clip_grad=clip_grad)
     changed, norms = [], []
     for i in range(INF_ITERS):
         x, y = batch(i, rank)
@@ -163,10 +176,6 @@ def _hsdp_fault_on_one_replica(rank: int, make_optimizer: Callable[..., Any]) ->
         "skipped": float(wrapper.skipped_steps),  # type: ignore[arg-type]
         "params": params_of(model),
     }
-
-
-def plain_sgd(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=0.1)
 
 
 # -- DDP -------------------------------------------------------------------------------------------
@@ -225,8 +234,10 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
         for kind in ("hsdp", "fsdp2_tp")
         for pattern in ("mmengine", "inside")
     },
-    "hsdp_fault_fused": lambda rank, _: _hsdp_fault_on_one_replica(rank, fused_adamw),
-    "hsdp_fault_sgd": lambda rank, _: _hsdp_fault_on_one_replica(rank, plain_sgd),
+    **{
+        f"hsdp_fault_{run}": (lambda r: lambda rank, _: _hsdp_fault_on_one_replica(rank, r))(run)
+        for run in FAULT_RUNS
+    },
     **{
         f"ddp_{name}_{pattern}": (lambda f, p: lambda rank, _: f(rank, p))(fn, pattern)
         for name, fn in (("frozen_unused", _ddp_frozen_and_unused), ("static_graph", _ddp_static_graph))

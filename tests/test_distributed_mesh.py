@@ -25,6 +25,7 @@ from _dist_harness import Runs
 from _dist_mesh_worker import (
     ACC,
     CLIP,
+    FAULT_RUNS,
     INF_AT,
     INF_ITERS,
     N_ITERS,
@@ -33,10 +34,9 @@ from _dist_mesh_worker import (
     SYNCED,
     WORLD_SIZE,
     FrozenAndUnused,
-    plain_sgd,
     reference,
 )
-from _dist_worker import fused_adamw, params_of, sgd
+from _dist_worker import params_of, sgd
 
 pytestmark = pytest.mark.dist
 
@@ -106,11 +106,11 @@ def test_mesh_last_grad_norm_is_the_global_norm_on_every_rank(
 # -- HSDP: a fault on one replica ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("optimizer", ["fused", "sgd"])
+@pytest.mark.parametrize("run", list(FAULT_RUNS))
 def test_hsdp_a_fault_on_one_replica_after_the_reduce_skips_the_step_on_every_rank(
-    runs: Runs, optimizer: str
+    runs: Runs, run: str
 ) -> None:
-    results = runs(f"hsdp_fault_{optimizer}")
+    results = runs(f"hsdp_fault_{run}")
     for result in results:
         assert result["changed"] == [i != INF_AT for i in range(INF_ITERS)]
         assert result["skipped"] == 1.0
@@ -123,14 +123,14 @@ def test_hsdp_a_fault_on_one_replica_after_the_reduce_skips_the_step_on_every_ra
             assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("optimizer", ["fused", "sgd"])
+@pytest.mark.parametrize("run", list(FAULT_RUNS))
 def test_hsdp_after_the_skipped_fault_training_goes_on_as_without_the_bad_step(
-    runs: Runs, optimizer: str
+    runs: Runs, run: str
 ) -> None:
-    make = fused_adamw if optimizer == "fused" else plain_sgd
+    make_optimizer, clip_grad = FAULT_RUNS[run]
     good = [i for i in range(INF_ITERS) if i != INF_AT]
-    want, _ = reference(make, good, dp_size=4, clip_grad=dict(max_norm=1.0))
-    for result in runs(f"hsdp_fault_{optimizer}"):
+    want, _ = reference(make_optimizer, good, dp_size=4, clip_grad=clip_grad)
+    for result in runs(f"hsdp_fault_{run}"):
         assert_close(result["params"], want)
 
 
