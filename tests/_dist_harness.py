@@ -122,22 +122,24 @@ def run_rank(
     table = importlib.import_module(worker).SCENARIOS
     folder = Path(workdir)
     for name in scenarios:
-        # A process group per scenario, its store a file in this run's own folder (no TCP
-        # port to clash with other runs): a failed scenario leaves nothing behind.
-        dist.init_process_group(
-            get_backend("cpu").dist_backend,
-            init_method=f"file://{folder}/store-{run_id}-{name}",
-            rank=rank,
-            world_size=world_size,
-            timeout=COLLECTIVE_TIMEOUT,
-        )
         try:
+            # A process group per scenario, its store a file in this run's own folder (no
+            # TCP port to clash with other runs): a failed scenario leaves nothing behind.
+            dist.init_process_group(
+                get_backend("cpu").dist_backend,
+                init_method=f"file://{folder}/store-{run_id}-{name}",
+                rank=rank,
+                world_size=world_size,
+                timeout=COLLECTIVE_TIMEOUT,
+            )
             result = table[name](rank, folder)
             torch.save(result, folder / f"{name}.rank{rank}.pt")
         except Exception:
             (folder / f"{name}.rank{rank}.err").write_text(traceback.format_exc())
         finally:
-            dist.destroy_process_group()
+            with contextlib.suppress(Exception):  # whatever state a failure left it in
+                if dist.is_initialized():
+                    dist.destroy_process_group()
             _wait_for_all(folder, f"{run_id}-{name}", rank, world_size)
 
 
