@@ -19,6 +19,7 @@ from torch import Tensor
 
 from hwoptim.backends.base import Backend, dtype_name
 from hwoptim.backends.registry import DeviceSpec, get_backend
+from hwoptim.num_items import ItemsGroup
 from hwoptim.wrapper import OptimWrapper
 
 LossScale = Union[str, float, int, Mapping[str, Any], None]
@@ -75,8 +76,9 @@ class AmpOptimWrapper(OptimWrapper):
             scale), a dict of GradScaler arguments, or None (no scaling).
         use_fsdp: use the backend's sharded scaler (FSDP): the same scale and the same
             skipped steps on every rank.
-        accumulative_counts, clip_grad: as for OptimWrapper. Gradients are unscaled before
-            clipping; a step with inf/nan gradients is skipped and the scale backs off.
+        accumulative_counts, clip_grad, num_items_group: as for OptimWrapper. Gradients are
+            unscaled before clipping; a step with inf/nan gradients is skipped and the scale
+            backs off.
     """
 
     def __init__(
@@ -88,6 +90,8 @@ class AmpOptimWrapper(OptimWrapper):
         use_fsdp: bool = False,
         accumulative_counts: int = 1,
         clip_grad: Mapping[str, Any] | None = None,
+        *,
+        num_items_group: ItemsGroup = "auto",
     ) -> None:
         if optimizer is None:
             raise TypeError("AmpOptimWrapper needs an optimizer, e.g. AmpOptimWrapper(optimizer=opt)")
@@ -96,7 +100,9 @@ class AmpOptimWrapper(OptimWrapper):
         backend = get_backend(device)
         cast_dtype = backend.resolve_dtype(dtype)
         scaler_kwargs, fixed_scale = parse_loss_scale(loss_scale, cast_dtype)
-        super().__init__(optimizer, accumulative_counts, clip_grad)
+        super().__init__(
+            optimizer, accumulative_counts, clip_grad, num_items_group=num_items_group
+        )
 
         self.backend = backend
         self.device: torch.device = backend.device()
@@ -109,10 +115,10 @@ class AmpOptimWrapper(OptimWrapper):
         self._custom_no_sync = type(backend).no_sync is not Backend.no_sync
         self._rebuild_clip_fn()  # a scaler changes what a non-finite norm means
 
-    def backward(self, loss: Tensor, **kwargs: Any) -> None:
-        """Backward of the scaled loss (or of the loss itself when no scaler is on)."""
+    def _scaled(self, loss: Tensor) -> Tensor:
+        """Backward runs on the scaled loss (on the loss itself when no scaler is on)."""
         scaler = self.loss_scaler
-        super().backward(loss if scaler is None else scaler.scale(loss), **kwargs)
+        return loss if scaler is None else scaler.scale(loss)
 
     def step(self, **kwargs: Any) -> None:
         """Unscale, clip, then step through the scaler, which skips a step with inf/nan
@@ -121,10 +127,14 @@ class AmpOptimWrapper(OptimWrapper):
         if scaler is None:
             super().step(**kwargs)
             return
+        empty = self._divide_by_items()
         optimizer = self.optimizer
-        if self._clip_fn is not None:
+        if self._clip_fn is not None or empty is not None:
             scaler.unscale_(optimizer)
-            self._clip_grads()
+            if empty is not None:
+                self._skip_empty_window(scaler, empty)
+            if self._clip_fn is not None:
+                self._clip_grads()
         scaler.step(optimizer, **kwargs)
         self._count_scaler_skip(scaler)
         scaler.update(self._scale_update_param)
@@ -139,6 +149,14 @@ class AmpOptimWrapper(OptimWrapper):
         first step). Reading its value is a host sync: log it every N steps."""
         get_scale = getattr(self.loss_scaler, "_get_scale_async", None)
         return None if get_scale is None else get_scale()
+
+    def _skip_empty_window(self, scaler: Any, empty: Tensor) -> None:
+        """Make the scaler skip a window without items: its found_inf, which the scaler's
+        step (and a fused optimizer) reads, gets the flag added. The scaler cannot tell
+        this from an overflow, so its scale backs off once too."""
+        states = getattr(scaler, "_per_optimizer_states", {}).get(id(self.optimizer), {})
+        for found in states.get("found_inf_per_device", {}).values():
+            found.add_(empty.to(found.device, non_blocking=True))
 
     def _count_scaler_skip(self, scaler: Any) -> None:
         states = getattr(scaler, "_per_optimizer_states", None)

@@ -22,6 +22,15 @@ from torch import Tensor
 
 from hwoptim.backends.base import has_gradient_sync, skip_gradient_sync
 from hwoptim.clip import ClipFn, ClipGrad, parse_clip_grad
+from hwoptim.num_items import (
+    LOCAL,
+    HostMirror,
+    ItemsGroup,
+    ItemsReduction,
+    all_reduce_sum,
+    check_num_items,
+    items_reduction,
+)
 
 #: the key state_dict() adds next to the optimizer's own keys
 STATE_KEY = "hwoptim"
@@ -76,6 +85,11 @@ class OptimWrapper:
             is the mean, as mmengine does.
         clip_grad: None, ``dict(max_norm=..., norm_type=2)`` (type "norm", the default) or
             ``dict(type="value", clip_value=...)``. Validated here; the dict is never changed.
+        num_items_group: where ``update_params(..., num_items=n)`` sums item counts over
+            ranks: "auto" (the group the model's gradients are averaged over: DDP's,
+            FSDP2/HSDP's data-parallel groups, else the default group when
+            torch.distributed is initialized), "local" (this rank only) or a ProcessGroup.
+            See docs/variable-size-batches.md.
 
     Example::
 
@@ -106,6 +120,8 @@ class OptimWrapper:
         optimizer: torch.optim.Optimizer,
         accumulative_counts: int = 1,
         clip_grad: Mapping[str, Any] | None = None,
+        *,
+        num_items_group: ItemsGroup = "auto",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -114,6 +130,10 @@ class OptimWrapper:
             )
         check_accumulative_counts(accumulative_counts)
         clip = parse_clip_grad(clip_grad)
+        if isinstance(num_items_group, str) and num_items_group not in ("auto", "local"):
+            raise ValueError(
+                f"num_items_group must be 'auto', 'local' or a ProcessGroup; got {num_items_group!r}"
+            )
 
         self.optimizer = optimizer
         self._accumulative_counts = accumulative_counts
@@ -137,6 +157,21 @@ class OptimWrapper:
         self._takes_found_inf = _takes_found_inf(optimizer)
         self._zero_clamped = clip is not None and clip.kind == "value"
 
+        # Item-weighted accumulation (num_items): the current window's item count (a host
+        # int for int counts, a device tensor for tensor counts) and its summed loss; which
+        # kind the window's micro-batches are; where counts are summed over ranks (decided
+        # at the first such update per model); how many windows had no items.
+        self._window_loss: Tensor | None = None
+        self._window_items: Tensor | None = None
+        self._window_host_items = 0
+        self._plain_in_window = False
+        self._items_group: ItemsGroup = num_items_group
+        self._items_reduction: ItemsReduction | None = None
+        self._last_loss: Tensor | None = None
+        self._empty_windows: Tensor | None = None
+        self._empty_mirror: HostMirror | None = None
+        self._warned_empty = False
+
         self._model: Any = None
         self._pending_no_sync: AbstractContextManager[Any] | None = None
         self._no_sync: Callable[[Any], AbstractContextManager[Any]] = skip_gradient_sync
@@ -155,25 +190,52 @@ class OptimWrapper:
         loss: Tensor,
         step_kwargs: dict[str, Any] | None = None,
         zero_kwargs: dict[str, Any] | None = None,
+        *,
+        num_items: int | Tensor | None = None,
     ) -> None:
         """Scale the loss for accumulation, backward, and on the last micro-batch of a
-        window: clip, step and zero the gradients."""
-        loss = self.scale_loss(loss)
-        self.backward(loss)
+        window: clip, step and zero the gradients.
+
+        ``num_items``: ``loss`` is the *sum* of the losses of this many items (an int, or an
+        integer tensor on any device), and the update divides the gradients by the item
+        count of the whole window summed over the data-parallel ranks, instead of dividing
+        each loss by the window length: the gradient of the mean over every item of the
+        update, whatever the micro-batch sizes. Give it for every micro-batch of a window
+        or for none. See docs/variable-size-batches.md.
+        """
+        if num_items is None:
+            self.backward(self.scale_loss(loss))
+        else:
+            self.backward(loss, num_items=num_items)
         if self.should_update():
             self.step(**(step_kwargs or _EMPTY))
             self.zero_grad(**(zero_kwargs or _EMPTY))
 
-    def backward(self, loss: Tensor, **kwargs: Any) -> None:
+    def backward(
+        self, loss: Tensor, *, num_items: int | Tensor | None = None, **kwargs: Any
+    ) -> None:
         """``loss.backward(**kwargs)`` and count the micro-batch.
 
         A gradient-sync skip entered by ``optim_context`` ends here, after the backward,
         so FSDP (which reads its flag during backward) skips the collective too.
+        ``num_items``: ``loss`` sums that many items' losses; the next ``step`` divides the
+        gradients by the window's total (see ``update_params``). Errors are raised before
+        anything runs.
         """
-        loss.backward(**kwargs)  # type: ignore[no-untyped-call]
+        if num_items is None:
+            if self._window_loss is not None:
+                raise ValueError(self._mixed_window_message("without"))
+            self._plain_in_window = True
+        else:
+            self._add_items(loss, num_items)
+        self._scaled(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
         self._inner_count += 1
         if self._pending_no_sync is not None:
             self._release_no_sync()
+
+    def _scaled(self, loss: Tensor) -> Tensor:
+        """The tensor backward runs on (AmpOptimWrapper: the loss times the loss scale)."""
+        return loss
 
     def step(self, **kwargs: Any) -> None:
         """Clip (when configured) and step the optimizer.
@@ -183,25 +245,31 @@ class OptimWrapper:
         skips the step on the device; any other one steps with zeroed gradients.
         ``skipped_steps`` counts these steps.
         """
+        empty = self._divide_by_items()
         if self._clip_fn is None:
-            self.optimizer.step(**kwargs)
+            if empty is None:
+                self.optimizer.step(**kwargs)
+            else:  # an empty window's gradients are zero: skip (fused) or a zero step
+                self._count_skipped(empty)
+                self._step_with_found_inf(empty, kwargs)
             return
         norm = self._clip_grads()
         optimizer = self.optimizer
         if self._takes_found_inf:
             found_inf = _found_inf(norm)
+            if empty is not None:
+                found_inf = torch.maximum(found_inf, empty)
             self._count_skipped(found_inf)
-            optimizer.found_inf = found_inf  # type: ignore[attr-defined]
-            try:
-                optimizer.step(**kwargs)
-            finally:
-                del optimizer.found_inf  # type: ignore[attr-defined]
+            self._step_with_found_inf(found_inf, kwargs)
             return
         # After clipping by an inf/nan norm every finite gradient is already 0 (clip
         # coefficient 0); value clipping leaves clamped values, so zero them here. Then the
         # nan ones become 0 too, and the step cannot put a non-finite value anywhere. No
         # foreach op maps nan to 0, hence the loop: a fused optimizer avoids its cost.
-        self._count_nonfinite(norm)
+        if empty is None:
+            self._count_nonfinite(norm)
+        else:  # counted once when an empty window also has a non-finite norm
+            self._count_skipped(torch.maximum(_found_inf(norm), empty))
         grads = [param.grad for param in self._params if param.grad is not None]
         if self._zero_clamped:
             torch._foreach_mul_(grads, torch.isfinite(norm).float())
@@ -209,9 +277,133 @@ class OptimWrapper:
             grad.nan_to_num_(0.0, 0.0, 0.0)
         optimizer.step(**kwargs)
 
+    def _step_with_found_inf(self, found_inf: Tensor, kwargs: Mapping[str, Any]) -> None:
+        """Step; an optimizer that takes ``found_inf`` skips itself on the device when it
+        is > 0, any other steps (its gradients were zeroed for such a step)."""
+        optimizer = self.optimizer
+        if not self._takes_found_inf:
+            optimizer.step(**kwargs)
+            return
+        optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+        try:
+            optimizer.step(**kwargs)
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+
     def zero_grad(self, **kwargs: Any) -> None:
-        """``optimizer.zero_grad(**kwargs)``."""
+        """``optimizer.zero_grad(**kwargs)``; an item count gathered since the last step is
+        dropped with the gradients it described."""
         self.optimizer.zero_grad(**kwargs)
+        self._reset_window()
+
+    # -- item-weighted accumulation (num_items) ---------------------------------------------
+
+    @property
+    def last_loss(self) -> Tensor | None:
+        """The item-weighted mean loss of the last update, as a device tensor.
+
+        With ``num_items``: the sum of the window's losses over all data-parallel ranks
+        divided by their total item count, i.e. the mean loss per item of exactly what the
+        update optimised (nan for a window without items). None when the last update was
+        made without ``num_items`` (then the loss you passed is the number to log) or
+        before the first update. Reading its value is a host sync: log it every N steps.
+        """
+        self._check_empty_windows()
+        return self._last_loss
+
+    def _add_items(self, loss: Tensor, num_items: Any) -> None:
+        """Check a micro-batch's count (raising before anything is recorded), then add it
+        and its summed loss to the window, on the device: no host sync."""
+        count = check_num_items(num_items)
+        if self._plain_in_window:
+            raise ValueError(self._mixed_window_message("with"))
+        summed = loss.detach().float()
+        if self._window_loss is not None:
+            summed = self._window_loss + summed
+        if isinstance(count, int):
+            self._window_host_items += count  # ints stay on the host: a copy would wait
+        else:
+            count = count.to(summed.device, torch.float32, non_blocking=True)
+            if self._window_items is not None:
+                count = self._window_items + count
+            self._window_items = count
+        self._window_loss = summed
+
+    def _mixed_window_message(self, kind: str) -> str:
+        other = "without" if kind == "with" else "with"
+        return (
+            f"a micro-batch {kind} num_items in an accumulation window whose earlier "
+            f"micro-batches were {other} it: give num_items for every micro-batch of a "
+            "window (the loss summed over its items) or for none (the loss a mean)"
+        )
+
+    def _divide_by_items(self) -> Tensor | None:
+        """At an update: divide the gradients by the window's item count over all
+        data-parallel ranks, so they are the gradient of the mean over every item.
+
+        Runs before unscaling and clipping, so the clip sees the true norm. The gradient
+        collective of DDP/FSDP already divided by the data-parallel size; multiplying by
+        ``divisor / total`` replaces that mean by the per-item one. One all-reduce of
+        ``[items, loss]`` per update, no host sync, and no Python branch on a tensor value.
+        Returns None when the window gave no ``num_items``, else a float32 flag, 1.0 when
+        the window held no item (its gradients are set to zero and the update is skipped
+        like a non-finite one: counted in ``skipped_steps``).
+        """
+        loss_sum = self._window_loss
+        if loss_sum is None:
+            self._plain_in_window = False
+            self._last_loss = None
+            return None
+        items = self._window_items
+        host_items = self._window_host_items
+        self._reset_window()
+        if items is None:
+            items = torch.full_like(loss_sum, host_items)
+        elif host_items:
+            items = items + host_items
+        reduction = self._items_reduction
+        if reduction is None:
+            reduction = self._items_reduction = items_reduction(self._model, self._items_group)
+        if reduction is not LOCAL:
+            totals = torch.stack([items, loss_sum])
+            all_reduce_sum(totals, reduction)
+            items, loss_sum = totals[0], totals[1]
+        empty = items <= 0
+        factor = torch.where(empty, 0.0, reduction.divisor / items)
+        grads = [
+            p.grad for group in self.optimizer.param_groups for p in group["params"]
+            if p.grad is not None
+        ]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+        self._last_loss = loss_sum / items
+        flag = empty.float()
+        self._empty_windows = flag if self._empty_windows is None else self._empty_windows + flag
+        return flag
+
+    def _reset_window(self) -> None:
+        self._window_loss = self._window_items = None
+        self._window_host_items = 0
+        self._plain_in_window = False
+
+    def _check_empty_windows(self) -> None:
+        """Warn once that windows without items were skipped, when the host can tell
+        without waiting: called where the user reads the counters to log them."""
+        empty = self._empty_windows
+        if empty is None or self._warned_empty:
+            return
+        if self._empty_mirror is None:
+            self._empty_mirror = HostMirror(empty.device)
+        seen = self._empty_mirror.refresh(empty)
+        if seen:
+            self._warned_empty = True
+            warnings.warn(
+                f"{int(seen)} update(s) had no items (num_items summed to 0 over the window "
+                "and every data-parallel rank): they were skipped and are counted in "
+                "skipped_steps; check the data (all padding?) or the count you pass",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def optim_context(self, model: Any) -> AbstractContextManager[None]:
         """Run the forward of ``model`` in here; it skips the gradient sync while accumulating.
@@ -354,6 +546,7 @@ class OptimWrapper:
         on). Read it every N steps for logging; reading its value is a host sync.
         """
         self._fold_skipped()
+        self._check_empty_windows()
         return self._skipped
 
     def _count_skipped(self, found_inf: Tensor) -> None:
@@ -525,6 +718,7 @@ class OptimWrapper:
         self._skips_sync = self._accumulative_counts > 1 and (
             self._custom_no_sync or has_gradient_sync(model)
         )
+        self._items_reduction = None  # found again for this model at its first update
         self._rebuild_clip_fn()
 
     def _rebuild_clip_fn(self) -> None:

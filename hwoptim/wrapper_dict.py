@@ -52,12 +52,14 @@ class OptimWrapperDict(OptimWrapper):
 
     def update_params(
         self, loss: Tensor, step_kwargs: dict[str, Any] | None = None,
-        zero_kwargs: dict[str, Any] | None = None,
+        zero_kwargs: dict[str, Any] | None = None, *, num_items: int | Tensor | None = None,
     ) -> NoReturn:
         """Not here: call ``update_params`` of the wrapper that owns the loss."""
         self._call_named("update_params")
 
-    def backward(self, loss: Tensor, **kwargs: Any) -> NoReturn:
+    def backward(
+        self, loss: Tensor, *, num_items: int | Tensor | None = None, **kwargs: Any
+    ) -> NoReturn:
         """Not here: call ``backward`` of the wrapper that owns the loss."""
         self._call_named("backward")
 
@@ -123,6 +125,11 @@ class OptimWrapperDict(OptimWrapper):
     def last_grad_norm(self) -> dict[str, Tensor | None]:  # type: ignore[override]
         """``{name: last_grad_norm}``."""
         return {name: w.last_grad_norm for name, w in self.optim_wrappers.items()}
+
+    @property
+    def last_loss(self) -> dict[str, Tensor | None]:  # type: ignore[override]
+        """``{name: last_loss}`` (each wrapper's item-weighted mean loss, or None)."""
+        return {name: w.last_loss for name, w in self.optim_wrappers.items()}
 
     @property
     def skipped_steps(self) -> dict[str, Tensor | None]:  # type: ignore[override]

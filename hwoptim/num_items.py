@@ -1,0 +1,200 @@
+"""Item-weighted accumulation: what ``update_params(loss, num_items=n)`` needs besides the wrapper.
+
+With ``num_items`` the loss of a micro-batch is the *sum* over its items (tokens, masked
+positions, targets), and the update divides the gradients by the number of items of the
+whole window summed over every data-parallel rank. This module checks a count on the host
+(without reading a device tensor), finds the process group(s) a model's gradients are
+averaged over together with the factor they are divided by, and keeps a host copy of a
+device counter that can be read without waiting for the device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import numbers
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from hwoptim.backends.base import unwrap_compiled
+
+#: what ``num_items_group`` accepts: "auto", "local" or a torch.distributed ProcessGroup
+ItemsGroup = Union[str, Any]
+
+
+def check_num_items(num_items: Any) -> int | Tensor:
+    """``num_items`` as a host int or an integer tensor of one element; else a clear error.
+
+    Only what can be seen without a host sync is checked: a Python int must be >= 0; a
+    tensor must have an integer dtype and one element (its value stays on the device).
+    """
+    if type(num_items) is int:  # the common case first: no isinstance chain
+        if num_items < 0:
+            raise ValueError(f"num_items must be >= 0 (a count of items); got {num_items}")
+        return num_items
+    if isinstance(num_items, Tensor):
+        if num_items.dtype.is_floating_point or num_items.dtype.is_complex or num_items.dtype == torch.bool:
+            raise TypeError(
+                f"num_items must be an integer count; got a {num_items.dtype} tensor, whose value "
+                "cannot be checked for being a whole number without a host sync: pass "
+                "(labels != ignore_index).sum() (int64) or convert with .long()"
+            )
+        if num_items.numel() != 1:
+            raise ValueError(
+                "num_items must be one count for the micro-batch; got a tensor of shape "
+                f"{tuple(num_items.shape)}: sum it first, e.g. (labels != -100).sum()"
+            )
+        return num_items
+    if isinstance(num_items, numbers.Integral) and not isinstance(num_items, bool):
+        return check_num_items(int(num_items))  # numpy integers and the like
+    raise TypeError(
+        "num_items must be an int or an integer tensor (the number of items whose losses the "
+        f"micro-batch's loss sums); got {type(num_items).__name__} {num_items!r}"
+    )
+
+
+class ItemsReduction:
+    """How a window's item count becomes the global one, and what the gradients hold.
+
+    ``groups``: the process groups to sum the count over, in turn (empty: this rank alone;
+    ``None`` in it: the default group). ``divisor``: what the gradient collective already
+    divided the summed gradients by (DDP: the group size; FSDP2: its gradient divide
+    factor, by default the data-parallel size), so the update multiplies by
+    ``divisor / items`` to get the sum over all ranks divided by all their items.
+    """
+
+    __slots__ = ("divisor", "groups")
+
+    def __init__(self, groups: tuple[Any, ...] = (), divisor: float = 1.0) -> None:
+        self.groups = groups
+        self.divisor = divisor
+
+    def __repr__(self) -> str:
+        return f"ItemsReduction(groups={self.groups!r}, divisor={self.divisor})"
+
+
+LOCAL = ItemsReduction()
+
+
+def _dist_ready() -> bool:
+    return bool(torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def items_reduction(model: Any, group: ItemsGroup = "auto") -> ItemsReduction:
+    """Where to sum item counts for ``model``, decided once per model.
+
+    ``group`` "local": this rank's count only. A ProcessGroup: that group, whose gradients
+    are assumed averaged over it (as DDP and FSDP do). "auto": the group the model's
+    gradients are averaged over -- DDP's (and FSDP1's) ``process_group``; FSDP2/HSDP's
+    data-parallel groups (shard and replicate), with FSDP2's gradient divide factor --
+    and for any other model the default group when torch.distributed is initialized with
+    more than one process (a model hwoptim does not recognise may be averaged by code it
+    cannot see; pass "local" when each rank trains on its own).
+    """
+    if isinstance(group, str):
+        if group == "local" or not _dist_ready():
+            if group not in ("local", "auto"):
+                raise ValueError(f"num_items_group must be 'auto', 'local' or a ProcessGroup; got {group!r}")
+            return LOCAL
+        if group != "auto":
+            raise ValueError(f"num_items_group must be 'auto', 'local' or a ProcessGroup; got {group!r}")
+    elif _dist_ready():
+        return ItemsReduction((group,), float(torch.distributed.get_world_size(group)))
+    else:
+        raise RuntimeError(
+            "num_items_group is a process group, but torch.distributed is not initialized; "
+            "call init_process_group first, or pass num_items_group='local'"
+        )
+    found = None if model is None else _model_reduction(unwrap_compiled(model))
+    if found is not None:
+        return found
+    world = torch.distributed.get_world_size()
+    return LOCAL if world == 1 else ItemsReduction((None,), float(world))
+
+
+def _model_reduction(root: Any) -> ItemsReduction | None:
+    """The reduction of the first data-parallel module in ``root`` (itself included)."""
+    modules = root.modules() if isinstance(root, torch.nn.Module) else (root,)
+    for module in modules:
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if callable(get_state):
+            param_group = getattr(get_state(), "_fsdp_param_group", None)
+            if param_group is not None:  # a root without parameters of its own has none
+                return fsdp2_reduction(param_group)
+            continue
+        process_group = getattr(module, "process_group", None)
+        if process_group is not None and callable(getattr(module, "no_sync", None)):
+            # DDP and FSDP1; hybrid FSDP1 also all-reduces over its inter-node group
+            groups = [process_group]
+            inter_node = getattr(module, "_inter_node_pg", None)
+            if inter_node is not None:
+                groups.append(inter_node)
+            return _combined(groups, None)
+    return None
+
+
+def fsdp2_reduction(param_group: Any) -> ItemsReduction:
+    """FSDP2 (and HSDP): the shard and replicate groups it reduces gradients over."""
+    mesh_info = param_group.mesh_info
+    groups = [
+        g
+        for g in (
+            getattr(mesh_info, "shard_process_group", None),
+            getattr(mesh_info, "replicate_process_group", None),
+        )
+        if g is not None
+    ]
+    return _combined(groups, getattr(param_group, "gradient_divide_factor", None))
+
+
+def _combined(groups: list[Any], factor: float | None) -> ItemsReduction:
+    """One reduction over ``groups`` together: their product of sizes is the data-parallel
+    size. Two groups that span every process are the default group (one collective);
+    otherwise the count is summed over each in turn, which sums it over all of them."""
+    sizes = [torch.distributed.get_world_size(g) for g in groups]
+    size = 1
+    for s in sizes:
+        size *= s
+    divisor = float(size if factor is None else factor)
+    if size == 1:
+        return ItemsReduction((), divisor)
+    if len(groups) > 1 and size == torch.distributed.get_world_size():
+        return ItemsReduction((None,), divisor)
+    return ItemsReduction(tuple(g for g, s in zip(groups, sizes) if s > 1), divisor)
+
+
+def all_reduce_sum(totals: Tensor, reduction: ItemsReduction) -> None:
+    """Sum ``totals`` in place over the reduction's groups: a collective, not a host sync."""
+    for group in reduction.groups:
+        torch.distributed.all_reduce(totals, group=group)
+
+
+class HostMirror:
+    """A host copy of a device scalar, refreshed without waiting for the device.
+
+    ``refresh()`` queues a copy into pinned host memory and returns the value the copy
+    before it (or this one, on the CPU) left there: reading it costs no host sync, and on
+    an accelerator it may be one refresh late. Where pinned memory is not available the
+    mirror cannot be kept without a sync, and ``refresh()`` returns None.
+    """
+
+    __slots__ = ("_address", "_host")
+
+    def __init__(self, device: torch.device) -> None:
+        self._host: Tensor | None = None
+        self._address = 0
+        try:
+            host = torch.zeros((), dtype=torch.float32, pin_memory=device.type != "cpu")
+        except RuntimeError:  # no pinned-memory allocator for this device
+            return
+        self._host = host  # kept alive: the address below points into it
+        # Read through ctypes, not a Tensor method: no torch call that could wait, and no
+        # numpy needed (torch does not require it).
+        self._address = host.data_ptr()
+
+    def refresh(self, value: Tensor) -> float | None:
+        if self._host is None:
+            return None
+        self._host.copy_(value.detach().reshape(()), non_blocking=True)
+        return float(ctypes.c_float.from_address(self._address).value)
