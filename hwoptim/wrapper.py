@@ -207,6 +207,8 @@ class OptimWrapper:
             self.backward(self.scale_loss(loss))
         else:
             self.backward(loss, num_items=num_items)
+            if self._max_counts == -1 and not self._warned_unknown_end and self._accumulative_counts > 1:
+                self._warn_unknown_end(self._accumulative_counts, stacklevel=3)
         if self.should_update():
             self.step(**(step_kwargs or _EMPTY))
             self.zero_grad(**(zero_kwargs or _EMPTY))
@@ -342,8 +344,8 @@ class OptimWrapper:
         data-parallel ranks, so they are the gradient of the mean over every item.
 
         Runs before unscaling and clipping, so the clip sees the true norm. The gradient
-        collective of DDP/FSDP already divided by the data-parallel size; multiplying by
-        ``divisor / total`` replaces that mean by the per-item one. One all-reduce of
+        collective of DDP/FSDP already divided by the data-parallel size; dividing by
+        ``total / divisor`` replaces that mean by the per-item one. One all-reduce of
         ``[items, loss]`` per update, no host sync, and no Python branch on a tensor value.
         Returns None when the window gave no ``num_items``, else a float32 flag, 1.0 when
         the window held no item (its gradients are set to zero and the update is skipped
@@ -369,13 +371,16 @@ class OptimWrapper:
             all_reduce_sum(totals, reduction)
             items, loss_sum = totals[0], totals[1]
         empty = items <= 0
-        factor = torch.where(empty, 0.0, reduction.divisor / items)
+        # Divide (not multiply by a reciprocal rounded to float32): a float64 model gets
+        # its gradients divided by the exact count. An empty window divides by inf: its
+        # gradients, zero sums over no item, stay zero.
+        divisor = torch.where(empty, torch.inf, items / reduction.divisor)
         grads = [
             p.grad for group in self.optimizer.param_groups for p in group["params"]
             if p.grad is not None
         ]
         if grads:
-            torch._foreach_mul_(grads, factor)
+            torch._foreach_div_(grads, divisor)
         self._last_loss = loss_sum / items
         flag = empty.float()
         self._empty_windows = flag if self._empty_windows is None else self._empty_windows + flag
@@ -506,20 +511,23 @@ class OptimWrapper:
         max_counts = self._max_counts
         if max_counts == -1:
             if not self._warned_unknown_end:
-                self._warned_unknown_end = True
-                warnings.warn(
-                    f"accumulating gradients over {acc} micro-batches without "
-                    "initialize_count_status(model, init_counts, max_counts): the last, "
-                    "partial window of training will not step; call it with the total "
-                    "number of iterations (or max_counts=None to say the end is unknown)",
-                    UserWarning,
-                    stacklevel=4,
-                )
+                self._warn_unknown_end(acc, stacklevel=5)  # user > update_params > scale_loss
             return acc
         inner = self._inner_count
         if inner >= max_counts or inner < max_counts - self._remainder_counts:
             return acc
         return self._remainder_counts
+
+    def _warn_unknown_end(self, acc: int, stacklevel: int) -> None:
+        self._warned_unknown_end = True
+        warnings.warn(
+            f"accumulating gradients over {acc} micro-batches without "
+            "initialize_count_status(model, init_counts, max_counts): the last, "
+            "partial window of training will not step; call it with the total "
+            "number of iterations (or max_counts=None to say the end is unknown)",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
     @property
     def inner_count(self) -> int:
