@@ -43,6 +43,19 @@ def batch(i: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, IN, generator=g), torch.randn(BATCH, OUT, generator=g)
 
 
+def items_batch(i: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch of 1 to 5 rows, its size varying with the iteration and the rank: the
+    item-weighted (num_items) scenarios."""
+    rows = 1 + (7 * i + 3 * rank) % 5
+    g = torch.Generator().manual_seed(5000 + 1000 * i + rank)
+    return torch.randn(rows, IN, generator=g), torch.randn(rows, OUT, generator=g)
+
+
+def items_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The sum over rows (the items) of each row's mean squared error."""
+    return F.mse_loss(out.float(), y, reduction="none").mean(dim=1).sum()
+
+
 def global_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All ranks' micro-batches of iteration ``i``, concatenated: what one process sees."""
     xs, ys = zip(*(batch(i, r) for r in range(WORLD_SIZE)))
@@ -152,6 +165,53 @@ def _fsdp2_accumulation(
         "norm_types": [type(n).__name__ for n in norms],
         "norms": [n.detach().clone() for n in norms],
     }
+
+
+def _train_items(
+    wrapper: OptimWrapper, model: Any, rank: int, as_int: bool,
+    grad_collectives: Callable[[], int], all_reduces: list[int],
+) -> dict[str, Any]:
+    """N_ITERS micro-batches of items_batch with num_items, mmengine's calling pattern."""
+    wrapper.initialize_count_status(model, 0, N_ITERS)
+    record: dict[str, Any] = {"grad_collectives": [], "all_reduces": [], "last_loss": []}
+    for i in range(N_ITERS):
+        x, y = items_batch(i, rank)
+        grads_before, reduces_before = grad_collectives(), all_reduces[0]
+        with wrapper.optim_context(model):
+            loss = items_loss(model(x), y)
+        wrapper.update_params(loss, num_items=len(x) if as_int else torch.tensor(len(x)))
+        record["grad_collectives"].append(grad_collectives() - grads_before)
+        record["all_reduces"].append(all_reduces[0] - reduces_before)
+        if SYNCED[i]:
+            record["last_loss"].append(wrapper.last_loss.detach().clone())
+    return record
+
+
+def _ddp_num_items(rank: int) -> dict[str, Any]:
+    ddp, calls = ddp_with_counter(make_model())
+    wrapper = OptimWrapper(sgd(ddp), accumulative_counts=ACC, clip_grad=CLIP)
+    with counting("all_reduce") as all_reduces:
+        record = _train_items(wrapper, ddp, rank, True, lambda: calls[0], all_reduces)
+    record["params"] = params_of(ddp.module)
+    return record
+
+
+def _fsdp2_num_items(rank: int, hsdp: bool = False) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    mesh = None
+    if hsdp:  # replicate over the 2 ranks, shard over 1: HSDP's two groups, on 2 processes
+        mesh = init_device_mesh("cpu", (WORLD_SIZE, 1), mesh_dim_names=("replicate", "shard"))
+    for module in (model[0], model[2], model):
+        fully_shard(module, mesh=mesh)
+    wrapper = OptimWrapper(sgd(model), accumulative_counts=ACC, clip_grad=CLIP)
+    with counting_reduce_scatter() as scatters, counting("all_reduce") as all_reduces:
+        record = _train_items(wrapper, model, rank, False, lambda: scatters[0], all_reduces)
+    record["params"] = params_of(model)
+    record["reduction"] = repr(wrapper._items_reduction)
+    return record
 
 
 def _poison_local_shard(model: nn.Module) -> None:
@@ -335,6 +395,9 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "fsdp2_compiled": lambda rank, _: _fsdp2_accumulation(rank, "mmengine", compiled=True),
     "fsdp2_fp16_sharded_scaler": lambda rank, _: _fsdp2_fp16_sharded_scaler(rank),
     "fsdp2_fused_overflow": lambda rank, _: _fsdp2_fused_overflow(rank),
+    "ddp_num_items": lambda rank, _: _ddp_num_items(rank),
+    "fsdp2_num_items": lambda rank, _: _fsdp2_num_items(rank),
+    "hsdp_num_items": lambda rank, _: _fsdp2_num_items(rank, hsdp=True),
     "example_ddp": lambda rank, _: _run_example(rank, "ddp.py"),
     "example_fsdp2": lambda rank, _: _run_example(rank, "fsdp2.py"),
     "ddp_uninterrupted": lambda rank, _: _ddp_uninterrupted(rank),

@@ -6,7 +6,8 @@ What is proved: accumulation skips the gradient collective on every micro-batch 
 not update (collectives counted where torch issues them), with mmengine's calling pattern,
 with the loop body inside ``optim_context`` and through torch.compile; clipping uses the
 global norm; the sharded loss scaler keeps every rank in step; a checkpoint resumes
-exactly. Parameters are compared with one process training on the concatenated batches.
+exactly; item-weighted accumulation (num_items) sums the counts over the ranks in one
+all-reduce per update. Parameters are compared with one process training on the concatenated batches.
 
 The processes are started twice per session (once for everything, once more to resume
 from a checkpoint in fresh processes); see tests/_dist_worker.py for what each rank runs
@@ -37,6 +38,8 @@ from _dist_worker import (
     batch,
     fsdp1_gpu_rank,
     fused_adamw,
+    items_batch,
+    items_loss,
     loss_fn,
     make_model,
     params_of,
@@ -200,6 +203,72 @@ def test_fsdp2_fused_optimizer_ends_where_one_process_without_the_bad_step_ends(
     want, _ = reference(fused_adamw, good, clip_grad=dict(max_norm=1.0))
     for result in runs("fsdp2_fused_overflow"):
         assert_close(result["params"], want)
+
+
+# -- item-weighted accumulation (num_items) ------------------------------------------------------
+
+ITEMS_RUNS = ["ddp_num_items", "fsdp2_num_items", "hsdp_num_items"]
+
+
+def items_reference() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(params, window losses, grad norms) of plain torch in one process: per window, the
+    sum of the item losses of every rank's micro-batches divided by their item count."""
+    model = make_model()
+    optimizer = sgd(model)
+    losses, norms = [], []
+    for start in range(0, N_ITERS, ACC):
+        batches = [
+            items_batch(i, r) for i in range(start, min(start + ACC, N_ITERS))
+            for r in range(WORLD_SIZE)
+        ]
+        total = sum(items_loss(model(x), y) for x, y in batches)
+        loss = total / sum(len(x) for x, _ in batches)
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP["max_norm"]))
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    return params_of(model), losses, norms
+
+
+@distributed
+@pytest.mark.parametrize("scenario", ITEMS_RUNS)
+def test_num_items_over_ranks_equals_one_process_on_all_items_of_each_window(
+    runs: Runs, scenario: str
+) -> None:
+    """Micro-batches of 1 to 5 rows, different on the two ranks; clipping by the global
+    norm; a remainder window of one micro-batch."""
+    want, want_losses, norms = items_reference()
+    assert max(norms) > CLIP["max_norm"]  # clipping changed the gradients
+    for result in runs(scenario):
+        assert_close(result["params"], want)
+        assert_close(result["last_loss"], want_losses)  # the same on every rank
+
+
+@distributed
+@pytest.mark.parametrize(
+    ("scenario", "grad_collectives", "all_reduces"),
+    [
+        # DDP: one bucket all-reduce (through dist.all_reduce) and the count's
+        ("ddp_num_items", 1, 2),
+        # FSDP2: reduce-scatters per Linear; the count is the only all-reduce
+        ("fsdp2_num_items", FSDP2_GROUPS, 1),
+        # HSDP (replicate 2, shard 1): an all-reduce per Linear over replicas, the count's
+        ("hsdp_num_items", 0, FSDP2_GROUPS + 1),
+    ],
+)
+def test_num_items_adds_one_all_reduce_per_update_and_none_while_accumulating(
+    runs: Runs, scenario: str, grad_collectives: int, all_reduces: int
+) -> None:
+    for result in runs(scenario):
+        assert result["grad_collectives"] == [grad_collectives * s for s in SYNCED]
+        assert result["all_reduces"] == [all_reduces * s for s in SYNCED]
+
+
+@distributed
+def test_hsdp_sums_item_counts_in_one_collective_over_every_replica_and_shard(runs: Runs) -> None:
+    for result in runs("hsdp_num_items"):
+        assert result["reduction"] == "ItemsReduction(groups=(None,), divisor=2.0)"
 
 
 # -- resume ----------------------------------------------------------------------------------------

@@ -120,14 +120,28 @@ def _batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield x, torch.randn(4, 2, generator=generator)
 
 
-def train(wrapper: hwoptim.OptimWrapper, model: nn.Module, detector: HostSyncDetector) -> None:
-    """mmengine's loop; the detector watches optim_context, the forward and update_params."""
+def train(
+    wrapper: hwoptim.OptimWrapper, model: nn.Module, detector: HostSyncDetector,
+    num_items: str | None = None,
+) -> None:
+    """mmengine's loop; the detector watches optim_context, the forward and update_params.
+
+    ``num_items`` "tensor" or "int": the loss is summed over the micro-batch's rows, and
+    its row count (a device tensor, or a Python int) goes with it.
+    """
     wrapper.initialize_count_status(model, 0, 6)
     for x, y in _batches():
+        rows = (y[:, 0] == y[:, 0]).sum() if num_items == "tensor" else len(y)  # int64 tensor
         with detector:
             with wrapper.optim_context(model):
-                loss = nn.functional.mse_loss(model(x), y)
-            wrapper.update_params(loss)
+                out = model(x)
+            if num_items is None:
+                wrapper.update_params(nn.functional.mse_loss(out, y))
+            else:
+                # a sum over rows, kept as small as the mean: fp16's first scale (2**16)
+                # overflows a summed loss's gradients, and three updates would all skip
+                loss = nn.functional.mse_loss(out, y, reduction="sum") / y.numel()
+                wrapper.update_params(loss, num_items=rows)
 
 
 def _model() -> nn.Module:
@@ -152,6 +166,35 @@ def test_update_params_makes_no_host_sync(config: str) -> None:
     after = list(model.parameters())
     assert any(not torch.equal(b, a) for b, a in zip(before, after))
     assert all(torch.isfinite(p).all() for p in after)
+
+
+@pytest.mark.parametrize("num_items", ["tensor", "int"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_update_params_with_num_items_makes_no_host_sync(config: str, num_items: str) -> None:
+    """The item count is summed on the device (a tensor count) or on the host (an int
+    count), the gradients divided by it there; last_loss is left on the device."""
+    model = _model()
+    wrapper = CONFIGS[config](model)
+    before = [p.detach().clone() for p in model.parameters()]
+    detector = HostSyncDetector()
+
+    train(wrapper, model, detector, num_items)
+
+    assert detector.by("hwoptim") == [], "\n".join(map(str, detector.by("hwoptim")))
+    after = list(model.parameters())
+    assert any(not torch.equal(b, a) for b, a in zip(before, after))
+    assert all(torch.isfinite(p).all() for p in after)
+    assert wrapper.last_loss is not None
+
+
+@pytest.mark.parametrize("config", ["fp32-fused", "fp16-fused"])
+def test_with_a_fused_optimizer_nothing_under_update_params_syncs_with_num_items(
+    config: str,
+) -> None:
+    model = _model()
+    detector = HostSyncDetector()
+    train(CONFIGS[config](model), model, detector, "tensor")
+    assert detector.calls == [], "\n".join(map(str, detector.calls))
 
 
 @pytest.mark.parametrize("config", ["fp32-fused", "fp16-fused"])

@@ -501,7 +501,9 @@ class _ParamGroup:
 
 @pytest.fixture
 def world_of_8(monkeypatch: pytest.MonkeyPatch) -> None:
-    sizes: Callable[[Any], int] = lambda group=None: 8 if group is None else group.size
+    def sizes(group: Any = None) -> int:
+        return 8 if group is None else int(group.size)
+
     monkeypatch.setattr(torch.distributed, "get_world_size", sizes)
 
 
