@@ -137,3 +137,12 @@ def test_plain_loop_logs_the_loss_scale_under_float16(tmp_path, capsys):
     assert len(lines) == 2
     for line in lines:
         assert re.search(r"grad_norm \d+\.\d+  loss_scale \d+  skipped 0$", line), line
+
+
+def test_variable_size_batches_equals_the_per_token_reference_not_mmengines_rule(capsys):
+    example = load_example("variable_size_batches")
+    example.main(["--steps", "7", "--accum", "3", "--check", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "num_items: same as the per-token reference" in out
+    away = float(re.search(r"mmengine's rule \(mean per micro-batch\) ends (\S+) away", out).group(1))
+    assert away > 1e-3  # the micro-batches really differ in size: the rules disagree
