@@ -121,8 +121,8 @@ class AmpOptimWrapper(OptimWrapper):
         return loss if scaler is None else scaler.scale(loss)
 
     def step(self, **kwargs: Any) -> None:
-        """Unscale, clip, then step through the scaler, which skips a step with inf/nan
-        gradients, and update the scale."""
+        """Divide by the window's item count (with ``num_items``), unscale, clip, then step
+        through the scaler, which skips a step with inf/nan gradients, and update the scale."""
         scaler = self.loss_scaler
         if scaler is None:
             super().step(**kwargs)

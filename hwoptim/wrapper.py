@@ -101,10 +101,10 @@ class OptimWrapper:
                 loss = loss_fn(model(x), y)
             wrapper.update_params(loss)
 
-    Logging: ``last_grad_norm``, ``skipped_steps`` and AmpOptimWrapper's ``loss_scale`` are
-    device tensors that ``update_params`` never reads. Reading one (``float()``, ``.item()``,
-    printing it) waits for the device to finish its queued work, so do it every N steps,
-    all values in one transfer::
+    Logging: ``last_grad_norm``, ``skipped_steps``, ``last_loss`` (with ``num_items``) and
+    AmpOptimWrapper's ``loss_scale`` are device tensors that ``update_params`` never reads.
+    Reading one (``float()``, ``.item()``, printing it) waits for the device to finish its
+    queued work, so do it every N steps, all values in one transfer::
 
         if step % 100 == 0:  # one host sync per 100 steps
             norm, skipped = torch.stack(
@@ -242,7 +242,9 @@ class OptimWrapper:
     def step(self, **kwargs: Any) -> None:
         """Clip (when configured) and step the optimizer.
 
-        With clipping, a step whose gradient norm is inf or nan never puts a non-finite
+        A window of ``num_items`` micro-batches first has its gradients divided by its
+        item count over all data-parallel ranks (``_divide_by_items``), so the clip sees
+        the norm of the per-item mean. With clipping, a step whose gradient norm is inf or nan never puts a non-finite
         value into the parameters, and needs no host sync to ensure it: a fused optimizer
         skips the step on the device; any other one steps with zeroed gradients.
         ``skipped_steps`` counts these steps.

@@ -284,7 +284,19 @@ def test_backward_and_step_called_by_hand() -> None:
     assert_params_close(model, want, rtol=1e-12, atol=1e-12)
 
 
-def test_counts_on_another_device_type_and_numpy_ints_are_taken() -> None:
+def test_int_and_tensor_counts_may_share_a_window() -> None:
+    batches = lm_batches(SIZES[:3], seed=4)
+    model = TinyLM(torch.float64)
+    want, _ = reference(copy.deepcopy(model), batches, 3)
+    wrapper = OptimWrapper(sgd(model), 3)
+    wrapper.initialize_count_status(model, 0, 3)
+    for i, batch in enumerate(batches):
+        n = count(batch)
+        wrapper.update_params(summed_loss(model, batch), num_items=int(n) if i % 2 else n)
+    assert_params_close(model, want, rtol=1e-12, atol=1e-12)
+
+
+def test_counts_of_any_integer_type_are_taken() -> None:
     assert check_num_items(np.int64(3)) == 3
     assert check_num_items(torch.tensor([5], dtype=torch.int32)).shape == (1,)
 
