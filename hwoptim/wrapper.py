@@ -227,10 +227,12 @@ class OptimWrapper:
         if num_items is None:
             if self._window_loss is not None:
                 raise ValueError(self._mixed_window_message("without"))
+            self._scaled(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
             self._plain_in_window = True
         else:
-            self._add_items(loss, num_items)
-        self._scaled(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
+            count = self._check_items(num_items)
+            self._scaled(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
+            self._add_items(loss, count)  # only once its gradients are there
         self._inner_count += 1
         if self._pending_no_sync is not None:
             self._release_no_sync()
@@ -315,12 +317,16 @@ class OptimWrapper:
         self._check_empty_windows()
         return self._last_loss
 
-    def _add_items(self, loss: Tensor, num_items: Any) -> None:
-        """Check a micro-batch's count (raising before anything is recorded), then add it
-        and its summed loss to the window, on the device: no host sync."""
+    def _check_items(self, num_items: Any) -> int | Tensor:
+        """A micro-batch's count, checked on the host (no device read) before its backward."""
         count = check_num_items(num_items)
         if self._plain_in_window:
             raise ValueError(self._mixed_window_message("with"))
+        return count
+
+    def _add_items(self, loss: Tensor, count: int | Tensor) -> None:
+        """Add a micro-batch's count and summed loss to the window, on the device: no
+        host sync (an int count stays on the host)."""
         summed = loss.detach().float()
         if self._window_loss is not None:
             summed = self._window_loss + summed

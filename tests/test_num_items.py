@@ -436,6 +436,19 @@ def test_mixing_micro_batches_with_and_without_num_items_in_a_window_is_refused(
     assert other.inner_count == 1
 
 
+def test_a_failed_backward_adds_nothing_to_the_window() -> None:
+    batches = lm_batches([2, 3])
+    model = TinyLM(torch.float64)
+    want, _ = reference(copy.deepcopy(model), batches, 2, sgd)
+    wrapper = OptimWrapper(sgd(model), 2)
+    wrapper.initialize_count_status(model, 0, 2)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        wrapper.update_params(torch.ones((), dtype=torch.float64), num_items=5)
+    assert wrapper.inner_count == 0
+    with_items(wrapper, model, batches)
+    assert_params_close(model, want, rtol=1e-12, atol=1e-12)
+
+
 def test_windows_may_differ_in_kind() -> None:
     model = nn.Linear(2, 1)
     wrapper = OptimWrapper(sgd(model), 1)
