@@ -351,14 +351,21 @@ class OptimWrapper:
         """At an update: divide the gradients by the window's item count over all
         data-parallel ranks, so they are the gradient of the mean over every item.
 
-        Runs before unscaling and clipping, so the clip sees the true norm. The gradient
-        collective of DDP/FSDP already divided by the data-parallel size; dividing by
-        ``total / divisor`` replaces that mean by the per-item one. One all-reduce of
-        ``[items, loss]`` per update, no host sync, and no Python branch on a tensor value.
-        Returns None when the window gave no ``num_items``, else a float32 flag, 1.0 when
-        the window held no item (its gradients are set to zero and the update is skipped
-        like a non-finite one: counted in ``skipped_steps``).
+        Runs before unscaling and clipping, so the clip sees the true norm. Returns None
+        when the window gave no ``num_items``, else a float32 flag, 1.0 when the window
+        held no item: its gradients stay zero and the caller skips the update like a
+        non-finite one (counted in ``skipped_steps``).
         """
+        totals = self._window_totals()
+        if totals is None:
+            return None
+        items, loss_sum, divisor = totals
+        return self._divide_grads(items, loss_sum, divisor)
+
+    def _window_totals(self) -> tuple[Tensor, Tensor, float] | None:
+        """The window's (items, loss sum) over all data-parallel ranks and the divisor the
+        gradient collective used; resets the window. Host bookkeeping and one all-reduce
+        of ``[items, loss]`` (a collective, not a host sync); None without ``num_items``."""
         loss_sum = self._window_loss
         if loss_sum is None:
             self._plain_in_window = False
@@ -378,17 +385,24 @@ class OptimWrapper:
             totals = torch.stack([items, loss_sum])
             all_reduce_sum(totals, reduction)
             items, loss_sum = totals[0], totals[1]
+        return items, loss_sum, reduction.divisor
+
+    def _divide_grads(self, items: Tensor, loss_sum: Tensor, divisor: float) -> Tensor:
+        """Tensor work only, no branch on a value: the gradients divided by
+        ``items / divisor`` (DDP/FSDP already divided by ``divisor``, the data-parallel
+        size: this turns their mean into the per-item one); ``last_loss``; the flag of a
+        window without items, counted for the warning."""
         empty = items <= 0
         # Divide (not multiply by a reciprocal rounded to float32): a float64 model gets
         # its gradients divided by the exact count. An empty window divides by inf: its
         # gradients, zero sums over no item, stay zero.
-        divisor = torch.where(empty, torch.inf, items / reduction.divisor)
+        per_item = torch.where(empty, torch.inf, items / divisor)
         grads = [
             p.grad for group in self.optimizer.param_groups for p in group["params"]
             if p.grad is not None
         ]
         if grads:
-            torch._foreach_div_(grads, divisor)
+            torch._foreach_div_(grads, per_item)
         self._last_loss = loss_sum / items
         flag = empty.float()
         self._empty_windows = flag if self._empty_windows is None else self._empty_windows + flag
