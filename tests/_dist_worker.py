@@ -214,6 +214,21 @@ def _fsdp2_num_items(rank: int, hsdp: bool = False) -> dict[str, Any]:
     return record
 
 
+def _fsdp2_fp16_num_items(rank: int) -> dict[str, Any]:
+    """fp16 autocast and the sharded loss scaler: the division runs on scaled gradients,
+    before the unscale and the clip."""
+    model = fsdp2_model()
+    wrapper = AmpOptimWrapper(
+        sgd(model), device="cpu", dtype="float16", loss_scale=dict(init_scale=256.0),
+        use_fsdp=True, accumulative_counts=ACC, clip_grad=CLIP,
+    )
+    with counting_reduce_scatter() as scatters, counting_all_reduce() as all_reduces:
+        record = _train_items(wrapper, model, rank, False, lambda: scatters[0], all_reduces)
+    record["params"] = params_of(model)
+    record["skipped"] = float(wrapper.skipped_steps)
+    return record
+
+
 def _poison_local_shard(model: nn.Module) -> None:
     """Make one element of this rank's gradient shard inf, as an fp16 overflow would."""
     grad = next(model.parameters()).grad
@@ -398,6 +413,7 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "ddp_num_items": lambda rank, _: _ddp_num_items(rank),
     "fsdp2_num_items": lambda rank, _: _fsdp2_num_items(rank),
     "hsdp_num_items": lambda rank, _: _fsdp2_num_items(rank, hsdp=True),
+    "fsdp2_fp16_num_items": lambda rank, _: _fsdp2_fp16_num_items(rank),
     "example_ddp": lambda rank, _: _run_example(rank, "ddp.py"),
     "example_fsdp2": lambda rank, _: _run_example(rank, "fsdp2.py"),
     "ddp_uninterrupted": lambda rank, _: _ddp_uninterrupted(rank),

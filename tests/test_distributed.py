@@ -266,6 +266,17 @@ def test_num_items_adds_one_all_reduce_per_update_and_none_while_accumulating(
 
 
 @distributed
+def test_num_items_with_fp16_and_the_sharded_scaler_is_close_to_one_process(runs: Runs) -> None:
+    want, want_losses, _ = items_reference()
+    for result in runs("fsdp2_fp16_num_items"):
+        assert result["skipped"] == 0.0
+        assert result["grad_collectives"] == [FSDP2_GROUPS * s for s in SYNCED]
+        for got, ref in zip(result["params"], want):  # fp16 autocast rounding
+            torch.testing.assert_close(got, ref, rtol=1e-2, atol=2e-3)
+        torch.testing.assert_close(result["last_loss"], want_losses, rtol=1e-2, atol=1e-3)
+
+
+@distributed
 def test_hsdp_sums_item_counts_in_one_collective_over_every_replica_and_shard(runs: Runs) -> None:
     for result in runs("hsdp_num_items"):
         assert result["reduction"] == "ItemsReduction(groups=(None,), divisor=2.0)"

@@ -222,6 +222,30 @@ def test_float16_with_a_loss_scaler_equals_the_reference(fused: bool) -> None:
     assert_params_close(model, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "npu", "xpu", "mps"])
+def test_each_backend_s_loss_scaler_divides_and_skips_empty_windows(backend: str) -> None:
+    """Through hwoptim.testing's mocks: the backend's own scaler (torch_npu's for npu) is
+    the one the division and the empty-window skip go through."""
+    from hwoptim.testing import mock_backend
+
+    batches = lm_batches(SIZES, seed=5)
+    model = TinyLM()
+    want, _ = reference(copy.deepcopy(model), batches, K, sgd, dict(max_norm=0.5))
+    with mock_backend(backend):
+        wrapper = AmpOptimWrapper(
+            sgd(model), device="auto", dtype="float32", loss_scale=1024.0,
+            accumulative_counts=K, clip_grad=dict(max_norm=0.5),
+        )
+        assert wrapper.backend.name == backend and wrapper.loss_scaler is not None
+        with_items(wrapper, model, batches)
+        assert_params_close(model, want, rtol=1e-5, atol=1e-6)
+        after = copy.deepcopy(model)
+        _empty_window(wrapper, model, K)
+        assert_params_close(model, after, rtol=0, atol=0)
+        with pytest.warns(UserWarning, match="no items"):
+            assert float(wrapper.skipped_steps) == 1.0
+
+
 def test_an_overflow_under_the_loss_scaler_still_skips_and_backs_off() -> None:
     model = TinyLM()
     before = copy.deepcopy(model)
@@ -324,10 +348,15 @@ def test_last_loss_stays_on_the_device_and_is_not_part_of_the_graph() -> None:
 
 
 def _empty_window(wrapper: OptimWrapper, model: nn.Module, k: int) -> None:
-    wrapper.initialize_count_status(model, wrapper.inner_count, None)  # no end to warn about
+    """k micro-batches whose items all count zero (a Linear(2, .) model, or a TinyLM)."""
+    wrapper.initialize_count_status(model, 0, None)  # a new run of windows; no end to warn of
     for _ in range(k):
         with wrapper.optim_context(model):
-            loss = model(torch.zeros(1, 2)).sum() * 0.0
+            if isinstance(model, TinyLM):
+                tokens = torch.zeros(2, 3, dtype=torch.long)
+                loss = summed_loss(model, (tokens, torch.full_like(tokens, PAD)))
+            else:
+                loss = model(torch.zeros(1, 2)).sum() * 0.0
         wrapper.update_params(loss, num_items=torch.tensor(0))
 
 
