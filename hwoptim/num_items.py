@@ -60,8 +60,8 @@ class ItemsReduction:
     ``groups``: the process groups to sum the count over, in turn (empty: this rank alone;
     ``None`` in it: the default group). ``divisor``: what the gradient collective already
     divided the summed gradients by (DDP: the group size; FSDP2: its gradient divide
-    factor, by default the data-parallel size), so the update multiplies by
-    ``divisor / items`` to get the sum over all ranks divided by all their items.
+    factor, by default the data-parallel size), so the update divides by
+    ``items / divisor`` to get the sum over all ranks divided by all their items.
     """
 
     __slots__ = ("divisor", "groups")
@@ -93,19 +93,17 @@ def items_reduction(model: Any, group: ItemsGroup = "auto") -> ItemsReduction:
     cannot see; pass "local" when each rank trains on its own).
     """
     if isinstance(group, str):
-        if group == "local" or not _dist_ready():
-            if group not in ("local", "auto"):
-                raise ValueError(f"num_items_group must be 'auto', 'local' or a ProcessGroup; got {group!r}")
-            return LOCAL
-        if group != "auto":
+        if group not in ("auto", "local"):
             raise ValueError(f"num_items_group must be 'auto', 'local' or a ProcessGroup; got {group!r}")
-    elif _dist_ready():
-        return ItemsReduction((group,), float(torch.distributed.get_world_size(group)))
-    else:
+        if group == "local" or not _dist_ready():
+            return LOCAL
+    elif not _dist_ready():
         raise RuntimeError(
             "num_items_group is a process group, but torch.distributed is not initialized; "
             "call init_process_group first, or pass num_items_group='local'"
         )
+    else:
+        return ItemsReduction((group,), float(torch.distributed.get_world_size(group)))
     found = None if model is None else _model_reduction(unwrap_compiled(model))
     if found is not None:
         return found

@@ -23,7 +23,6 @@ from torch import Tensor
 from hwoptim.backends.base import has_gradient_sync, skip_gradient_sync
 from hwoptim.clip import ClipFn, ClipGrad, parse_clip_grad
 from hwoptim.num_items import (
-    LOCAL,
     HostMirror,
     ItemsGroup,
     ItemsReduction,
@@ -381,7 +380,7 @@ class OptimWrapper:
         reduction = self._items_reduction
         if reduction is None:
             reduction = self._items_reduction = items_reduction(self._model, self._items_group)
-        if reduction is not LOCAL:
+        if reduction.groups:
             totals = torch.stack([items, loss_sum])
             all_reduce_sum(totals, reduction)
             items, loss_sum = totals[0], totals[1]

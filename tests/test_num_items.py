@@ -536,6 +536,37 @@ def test_without_torch_distributed_counts_stay_local() -> None:
         items_reduction(None, object())
 
 
+def test_an_unknown_group_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="got 'world'"):
+        items_reduction(None, "world")
+
+
+def test_in_a_one_process_group_ddp_needs_no_collective_and_a_group_is_taken(
+    tmp_path: Any,
+) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        assert items_reduction(nn.Linear(2, 1)) is LOCAL  # world size 1: nothing to sum
+        group = dist.new_group([0])
+        explicit = items_reduction(None, group)
+        assert explicit.groups == (group,) and explicit.divisor == 1.0
+        batches = lm_batches(SIZES[:4])
+        model = TinyLM(torch.float64)
+        want, _ = reference(copy.deepcopy(model), batches, 2)
+        ddp = DistributedDataParallel(model)
+        wrapper = OptimWrapper(sgd(ddp), 2)
+        with_items(wrapper, ddp, batches)
+        reduction = wrapper._items_reduction
+        assert reduction is not None and reduction is not LOCAL  # found through DDP
+        assert reduction.groups == () and reduction.divisor == 1.0  # a group of one
+        assert_params_close(model, want, rtol=1e-12, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
 class _Group:
     def __init__(self, size: int) -> None:
         self.size = size
