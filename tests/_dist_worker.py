@@ -222,7 +222,7 @@ def _fsdp2_fp16_num_items(rank: int) -> dict[str, Any]:
         sgd(model), device="cpu", dtype="float16", loss_scale=dict(init_scale=256.0),
         use_fsdp=True, accumulative_counts=ACC, clip_grad=CLIP,
     )
-    with counting_reduce_scatter() as scatters, counting_all_reduce() as all_reduces:
+    with counting_reduce_scatter() as scatters, counting("all_reduce") as all_reduces:
         record = _train_items(wrapper, model, rank, False, lambda: scatters[0], all_reduces)
     record["params"] = params_of(model)
     record["skipped"] = float(wrapper.skipped_steps)

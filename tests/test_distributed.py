@@ -253,8 +253,9 @@ def test_num_items_over_ranks_equals_one_process_on_all_items_of_each_window(
         ("ddp_num_items", 1, 2),
         # FSDP2: reduce-scatters per Linear; the count is the only all-reduce
         ("fsdp2_num_items", FSDP2_GROUPS, 1),
-        # HSDP (replicate 2, shard 1): an all-reduce per Linear over replicas, the count's
-        ("hsdp_num_items", 0, FSDP2_GROUPS + 1),
+        # HSDP (replicate 2, shard 1): an all-reduce per Linear over replicas, the clip's
+        # agreement on a non-finite norm over the mesh, and the count's
+        ("hsdp_num_items", 0, FSDP2_GROUPS + 2),
     ],
 )
 def test_num_items_adds_one_all_reduce_per_update_and_none_while_accumulating(
