@@ -61,7 +61,16 @@ class GenericBackend(Backend):
         torch.accelerator.set_device_index(index)
 
     def synchronize(self) -> None:
-        torch.accelerator.synchronize()
+        try:
+            torch.accelerator.synchronize()
+        except RuntimeError:
+            # A device registered from Python (PrivateUse1 without a C++ device guard,
+            # such as hwoptim.testing.emulated) cannot synchronize through torch.accelerator;
+            # its device module can.
+            module_synchronize = getattr(self._module(), "synchronize", None)
+            if module_synchronize is None:
+                raise
+            module_synchronize()
 
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)  # seeds the CPU and every accelerator, custom ones too
