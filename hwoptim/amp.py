@@ -139,6 +139,9 @@ class AmpOptimWrapper(OptimWrapper):
         self._count_scaler_skip(scaler)
         scaler.update(self._scale_update_param)
 
+    def _placement_device(self) -> torch.device:
+        return self.device
+
     def _forward_context(self) -> AbstractContextManager[Any]:
         """``optim_context`` runs the forward in autocast to ``cast_dtype``."""
         return self.backend.autocast(self.cast_dtype)

@@ -108,7 +108,8 @@ class ClipGrad:
         return out
 
     def clip_fn(self, model: Any = None, *, scaled: bool = False) -> ClipFn:
-        """The function ``step`` calls: clips the gradients of ``params``, returns the norm.
+        """The function ``step`` calls: clips the gradients of ``params``, returns the norm
+        (on the parameters' device, also when no parameter has a gradient).
 
         Decided once per model: an FSDP1 module clips through its own ``clip_grad_norm_``
         (the norm over all shards, not this rank's); everything else, FSDP2's DTensor
@@ -133,6 +134,8 @@ class ClipGrad:
             # torch's clip_grad_norm_ in two halves, so that over DTensor gradients the
             # norm that clips is the global one every replica agrees on
             grads = [p.grad for p in params if p.grad is not None]
+            if not grads:  # torch's norm of nothing is a zero on the CPU: keep it with the params
+                return torch.zeros((), device=params[0].device)
             norm = total_norm(grads, norm_type, error, foreach)
             if type(norm) is not Tensor:
                 norm = agree(global_norm(norm), getattr(norm, "device_mesh", None))
@@ -167,9 +170,10 @@ class ClipGrad:
 
         def clip_value_(params: Sequence[Tensor]) -> Tensor:
             grads = [p.grad for p in params if p.grad is not None]
+            if not grads:  # torch's norm of nothing is a zero on the CPU: keep it with the params
+                return torch.zeros((), device=params[0].device)
             norm = total_norm(grads, 2.0, False, foreach)
-            if grads:
-                torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
+            torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
             if type(norm) is Tensor:
                 return norm
             # the step zeroes the clamped gradients by this norm: replicas must agree on it

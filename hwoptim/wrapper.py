@@ -276,7 +276,7 @@ class OptimWrapper:
         else:  # counted once when an empty window also has a non-finite norm
             self._count_skipped(torch.maximum(_found_inf(norm), empty))
         grads = [param.grad for param in self._params if param.grad is not None]
-        if self._zero_clamped:
+        if self._zero_clamped and grads:  # no gradients at all: step like mmengine
             torch._foreach_mul_(grads, torch.isfinite(norm).float())
         for grad in grads:
             grad.nan_to_num_(0.0, 0.0, 0.0)
@@ -748,7 +748,52 @@ class OptimWrapper:
             self._custom_no_sync or has_gradient_sync(model)
         )
         self._items_reduction = None  # found again for this model at its first update
+        self._check_params_of(model)
         self._rebuild_clip_fn()
+
+    def _check_params_of(self, model: Any) -> None:
+        """Once per model: the optimizer must hold the model's own parameters, on the
+        wrapper's device.
+
+        An optimizer built before ``model.to(device)`` breaks this on every device whose
+        tensors are not shallow-copy compatible with the CPU's (all out-of-tree ones, such
+        as NPUs and hwoptim.testing.emulated): ``to()`` gives the module new parameters and
+        the optimizer keeps stepping the old CPU ones, so training silently does nothing.
+        """
+        if not isinstance(model, torch.nn.Module):
+            return
+        own = {id(p) for p in model.parameters()}
+        if not own:  # nothing to compare with (a functional model, a stub)
+            return
+        device = self._placement_device()
+        held = [p for group in self.optimizer.param_groups for p in group["params"]]
+        foreign = [p for p in held if id(p) not in own]
+        misplaced = [p for p in held if device is not None and p.device.type != device.type]
+        if not foreign and not misplaced:
+            return
+        first = (foreign or misplaced)[0]
+        if foreign:
+            problem = (
+                f"the optimizer holds {len(foreign)} parameter(s) that are not parameters of "
+                f"the model given to the wrapper (the first: shape {tuple(first.shape)} on "
+                f"{first.device})"
+            )
+        else:
+            problem = (
+                f"{len(misplaced)} of the optimizer's parameters are not on the wrapper's "
+                f"device {device} (the first: shape {tuple(first.shape)} on {first.device})"
+            )
+        raise RuntimeError(
+            f"{problem}. Move the model to the device before building the optimizer: on "
+            "many devices model.to(device) replaces the parameters, and an optimizer built "
+            "earlier keeps the old ones. For example: device = "
+            "hwoptim.get_backend('auto').device(); model.to(device); then build the "
+            "optimizer and the wrapper (device=device)"
+        )
+
+    def _placement_device(self) -> torch.device | None:
+        """The device the parameters must be on; None here (AmpOptimWrapper has one)."""
+        return None
 
     def _rebuild_clip_fn(self) -> None:
         if self._clip is not None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hwoptim.backends import registry
+from hwoptim.testing.pytest_plugin import emulated_spec
 
 # The tests use tiny tensors: one intra-op thread is fastest, and on a busy CI runner more
 # threads only wait for each other (a 32x8 matmul took 16 ms with 2 threads, 0.07 ms with 1).
@@ -44,6 +45,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if reasons[backend_name] is not None:
                 reason = f"needs a real {backend_name} device: {reasons[backend_name]}"
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+#: tests that need the emulated accelerator, in a pytest process of its own (.ci/run)
+_EMULATED_TESTS = Path(__file__).parent / "emulated"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/emulated is collected only with --hwoptim-device emulated:NAME, and the rest of
+    the suite only without it: the emulated device becomes the process's accelerator (and
+    device="auto"), and it cannot be uninstalled."""
+    inside = collection_path == _EMULATED_TESTS or _EMULATED_TESTS in collection_path.parents
+    if inside != (emulated_spec(config) is not None):
+        return True
+    return None
 
 
 # -- a throwaway plugin distribution (tests of entry-point loading) ------------------------

@@ -426,3 +426,11 @@ def test_cuda_full_precision_dtypes(dtype, expected):
     wrapper = AmpOptimWrapper(adamw(model), device="cuda", dtype=dtype)
     with wrapper.optim_context(model):
         assert model(torch.randn(1, 1, 1, 1, device="cuda")).dtype is expected
+
+
+def test_parameters_off_the_wrapper_device_are_refused_once_the_model_is_given():
+    model = nn.Linear(4, 2, device="meta")  # stands for parameters left on another device
+    wrapper = AmpOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), device="cpu")
+    with pytest.raises(RuntimeError, match=r"2 of the optimizer's parameters are not on the wrapper's "
+                       r"device cpu.*on meta.*Move the model to the device before building the optimizer"):
+        wrapper.initialize_count_status(model, 0, 10)

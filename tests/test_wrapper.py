@@ -197,9 +197,10 @@ def test_past_max_counts_windows_are_full_instead_of_dividing_by_zero():
 
 
 def test_resume_inside_a_window_warns():
-    wrapper = OptimWrapper(sgd(make_model()), accumulative_counts=3)
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model), accumulative_counts=3)
     with pytest.warns(UserWarning, match="Resumed iteration number") as record:
-        wrapper.initialize_count_status(make_model(), 2, 100)
+        wrapper.initialize_count_status(model, 2, 100)
     assert len(record) == 1
 
 
@@ -361,6 +362,58 @@ def test_value_clipping_clamps_and_still_reports_the_norm():
     wrapper._clip_grads()
     assert max(float(p.grad.abs().max()) for p in model.parameters()) == pytest.approx(1e-3)
     assert float(wrapper.last_grad_norm) > 1e-3
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_value_clipping_without_any_gradient_steps_like_mmengine(foreach):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=foreach)
+    wrapper = OptimWrapper(optimizer, clip_grad=dict(type="value", clip_value=0.5))
+    before = params_of(model)
+    wrapper.update_params(torch.ones((), requires_grad=True) * 2)  # touches no parameter
+    for got, want in zip(model.parameters(), before):
+        assert torch.equal(got, want)
+    assert float(wrapper.last_grad_norm) == 0.0
+    assert float(wrapper.skipped_steps) == 0
+    wrapper.update_params(loss_of(model, 0))  # the next real step clips and steps
+    assert not all(torch.equal(got, want) for got, want in zip(model.parameters(), before))
+
+
+# -- the optimizer's parameters are the model's -------------------------------------------------
+
+
+def test_an_optimizer_of_replaced_parameters_is_refused_when_the_model_is_given():
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model), accumulative_counts=2)
+    # What model.to(<out-of-tree device>) does: new Parameter objects in the module.
+    for module in (model[0], model[2]):
+        module.weight = nn.Parameter(module.weight.detach().clone())
+    with pytest.raises(RuntimeError, match=r"2 parameter\(s\) that are not parameters of the model.*"
+                       r"Move the model to the device before building the optimizer"):
+        wrapper.initialize_count_status(model, 0, 10)
+    with pytest.raises(RuntimeError, match="before building the optimizer"):
+        with wrapper.optim_context(model):
+            pass
+
+
+def test_the_parameter_check_runs_once_per_model():
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model), clip_grad=dict(max_norm=1.0))
+    with mock.patch.object(OptimWrapper, "_check_params_of", autospec=True) as check:
+        for seed in range(3):
+            with wrapper.optim_context(model):
+                loss = loss_of(model, seed)
+            wrapper.update_params(loss)
+    assert check.call_count == 1
+
+
+def test_a_subset_of_the_model_is_fine():
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model[2].parameters(), lr=0.1))
+    wrapper.initialize_count_status(model, 0, 10)  # e.g. a frozen backbone: no error
+    with wrapper.optim_context(model):
+        loss = loss_of(model, 0)
+    wrapper.update_params(loss)
 
 
 def test_clip_params_follow_add_param_group():

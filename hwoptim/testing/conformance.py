@@ -247,7 +247,9 @@ class BackendConformance:
 
     def test_no_sync_skips_sync_until_the_window_ends(self, conformance_backend: Backend) -> None:
         backend = conformance_backend
-        model = _SyncRecorder(torch.nn.Linear(4, 1)).to(backend.device())
+        # On the device first: on out-of-tree devices .to() makes new parameters, whose
+        # hooks (the recorder's) would be lost.
+        model = _SyncRecorder(torch.nn.Linear(4, 1).to(backend.device()))
         with backend.no_sync(model):
             assert model.require_sync is False
         assert model.require_sync is True
