@@ -739,6 +739,7 @@ class OptimWrapper:
 
     def _bind_model(self, model: Any) -> None:
         """Remember the model: it decides how to skip syncs and (FSDP1) how to clip."""
+        self._check_params_of(model)  # first: a refused model is not remembered
         self._model = model
         self._model_type = type(model)
         # Decided once per model: skipping needs a window to skip in and a collective to
@@ -748,7 +749,6 @@ class OptimWrapper:
             self._custom_no_sync or has_gradient_sync(model)
         )
         self._items_reduction = None  # found again for this model at its first update
-        self._check_params_of(model)
         self._rebuild_clip_fn()
 
     def _check_params_of(self, model: Any) -> None:
