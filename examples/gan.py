@@ -22,7 +22,7 @@ import tempfile
 import torch
 from torch import nn
 
-from hwoptim import build_optim_wrapper
+from hwoptim import build_optim_wrapper, get_backend
 
 REAL_MEAN, REAL_STD, NOISE = 3.0, 0.5, 8
 
@@ -71,10 +71,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     torch.manual_seed(0)
     model = GAN()
+    # To the device before the optimizers are built from its parameters (on out-of-tree
+    # devices .to() replaces them).
+    device = get_backend(args.device).device()
+    model.to(device)
     wrappers = build_optim_wrapper(model, cfg)
     g_wrapper, d_wrapper = wrappers["generator"], wrappers["discriminator"]
-    device = g_wrapper.device
-    model.to(device)
+    assert g_wrapper.device == d_wrapper.device == device
     print(f"{type(wrappers).__name__} {list(wrappers)} on {device}; lr {wrappers.get_lr()}")
 
     # Reaches every wrapper, each with its own submodule (mmengine's version does nothing).

@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-from hwoptim import build_optim_wrapper
+from hwoptim import build_optim_wrapper, get_backend
 
 # -- the config, as it would appear in an mmengine config file ------------------------------
 optim_wrapper = dict(
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = Classifier()
     cfg = optim_wrapper if args.device is None else dict(optim_wrapper, device=args.device)
+    model.to(get_backend(cfg.get("device", "auto")).device())  # before the optimizer is built
     wrapper = build_optim_wrapper(model, cfg)  # never modifies cfg
-    model.to(wrapper.device)
     print(f"{type(wrapper).__name__} on {wrapper.device}, "
           f"dtype {str(wrapper.cast_dtype).replace('torch.', '')}")
     print(f"parameter groups: {describe_groups(wrapper)}")

@@ -32,7 +32,7 @@ import tempfile
 import torch
 from torch import nn
 
-from hwoptim import AmpOptimWrapper
+from hwoptim import AmpOptimWrapper, get_backend
 
 FEATURES, CLASSES = 32, 10
 
@@ -105,15 +105,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     model = nn.Sequential(nn.Linear(FEATURES, 128), nn.GELU(), nn.Linear(128, CLASSES))
+    # The device is picked now (not at import). The model moves before the optimizer is
+    # built: on NPUs and other out-of-tree devices .to() replaces the parameters, and the
+    # optimizer must hold the new ones.
+    device = get_backend(args.device).device()
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01,
                                   fused=args.fused or None)
 
-    # The wrapper picks the device now (not at import) and decides everything up front:
-    # autocast dtype, whether a loss scaler is needed (fp16 only), how to clip.
-    wrapper = AmpOptimWrapper(optimizer, device=args.device, dtype=args.dtype,
+    # The wrapper decides everything up front: autocast dtype, whether a loss scaler is
+    # needed (fp16 only), how to clip.
+    wrapper = AmpOptimWrapper(optimizer, device=device, dtype=args.dtype,
                               accumulative_counts=args.accum, clip_grad=dict(max_norm=args.clip))
-    device = wrapper.device
-    model.to(device)  # moves the parameters in place, so the optimizer still holds them
     print(f"device {device}  dtype {str(wrapper.cast_dtype).replace('torch.', '')}  "
           f"loss scaling {'on' if wrapper.loss_scaler is not None else 'off'}")
 

@@ -146,7 +146,7 @@ def run_demo(
     plot: str | None = None, progress: bool = True, log_every: int = 10,
 ) -> dict[str, Any]:
     """Train a small MLP on synthetic regression data; return the summary ``demo`` prints."""
-    from hwoptim import AmpOptimWrapper
+    from hwoptim import AmpOptimWrapper, get_backend
     from hwoptim.backends.base import dtype_name
 
     torch.manual_seed(seed)
@@ -159,13 +159,16 @@ def run_demo(
         torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 128), torch.nn.GELU(),
         torch.nn.Linear(128, 1),
     )
+    # The model goes to the device before the optimizer is built: on many devices .to()
+    # replaces the parameters, and the optimizer must hold the new ones.
+    backend = get_backend(device)
+    model.to(backend.device())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     wrapper = AmpOptimWrapper(
-        optimizer, device=device, dtype=dtype, accumulative_counts=accum,
+        optimizer, device=backend, dtype=dtype, accumulative_counts=accum,
         clip_grad=dict(max_norm=clip) if clip > 0 else None,
     )
     wrapper.backend.manual_seed(seed)
-    model.to(wrapper.device)
     inputs, targets = inputs.to(wrapper.device), targets.to(wrapper.device)
     wrapper.initialize_count_status(model, 0, steps)
 
