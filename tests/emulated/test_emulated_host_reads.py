@@ -1,0 +1,64 @@
+"""The no-host-sync contract, counted on a device: device-to-host reads per update_params.
+
+tests/test_host_sync.py finds the syncing calls hwoptim's own code makes; here the device
+counts every read, torch's included: none for fp32, bf16 and fused optimizers; for fp16 with
+a non-fused optimizer only torch GradScaler's one per optimizer step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hwoptim import AmpOptimWrapper
+from hwoptim.testing.emulated import count_host_reads
+
+CASES = [
+    # (dtype, optimizer keyword arguments, clip_grad, reads allowed per stepping update)
+    ("float32", dict(foreach=False), dict(max_norm=1.0), 0),
+    ("float32", dict(foreach=True), dict(type="value", clip_value=0.5), 0),
+    ("float32", dict(fused=True), dict(max_norm=1.0), 0),
+    ("bfloat16", dict(foreach=False), dict(type="value", clip_value=0.5), 0),
+    ("bfloat16", dict(foreach=True), dict(max_norm=1.0), 0),
+    ("bfloat16", dict(fused=True), dict(max_norm=1.0), 0),
+    ("float16", dict(fused=True), dict(max_norm=1.0), 0),
+    ("float16", dict(fused=True), None, 0),
+    ("float16", dict(foreach=True), dict(max_norm=1.0), 1),  # GradScaler's found_inf.item()
+    ("float16", dict(foreach=False), None, 1),
+]
+
+
+@pytest.mark.parametrize(("dtype", "opt_kw", "clip", "allowed"), CASES, ids=lambda v: str(v))
+def test_reads_per_update_params(device, dtype, opt_kw, clip, allowed):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
+    wrapper = AmpOptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-3, **opt_kw), device="auto",
+                              dtype=dtype, accumulative_counts=2, clip_grad=clip)
+    wrapper.initialize_count_status(model, 0, 6)
+    per_call = []
+    for step in range(6):
+        x = torch.randn(4, 6, device=device)
+        with wrapper.optim_context(model):
+            loss = model(x).float().square().mean()
+        if step == 3:
+            loss = loss * float("inf")  # a skipped step reads no more than a good one
+        with count_host_reads() as reads:
+            wrapper.update_params(loss)
+        per_call.append(reads.total)
+    assert per_call[0::2] == [0, 0, 0], "a micro-batch that does not step must read nothing"
+    assert per_call[1::2] == [allowed] * 3, per_call
+    assert float(wrapper.skipped_steps) == 1  # the counting left the result alone
+
+
+def test_logging_every_n_steps_costs_one_read(device):
+    model = nn.Linear(4, 1).to(device)
+    wrapper = AmpOptimWrapper(torch.optim.AdamW(model.parameters(), fused=True), device="auto",
+                              dtype="float16", loss_scale=dict(init_scale=256.0), clip_grad=dict(max_norm=1.0))
+    with wrapper.optim_context(model):
+        loss = model(torch.randn(2, 4, device=device)).float().sum()
+    wrapper.update_params(loss)
+    with count_host_reads() as reads:  # the pattern docs/logging.md and the README give
+        values = torch.stack([wrapper.last_grad_norm, wrapper.skipped_steps, wrapper.loss_scale]).tolist()
+    assert reads.total == 1, reads
+    assert values[1:] == [0.0, 256.0]
