@@ -86,7 +86,7 @@ _lock = threading.Lock()
 # -- host reads ------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # each block is its own recorder, whatever it counted
 class HostReads:
     """Device-to-host reads seen while ``count_host_reads()`` was entered.
 
