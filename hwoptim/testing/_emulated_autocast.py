@@ -40,6 +40,7 @@ _FALLBACK_LISTS = {
 
 #: libraries must outlive the process's use of them
 _libraries: list[Any] = []
+_library: Any = torch.library  # untyped in torch
 
 
 def op_lists() -> dict[str, list[str]]:
@@ -52,7 +53,7 @@ def op_lists() -> dict[str, list[str]]:
         return {policy: list(ops) for policy, ops in _FALLBACK_LISTS.items()}
     lists: dict[str, list[str]] = {}
     for macro, policy in _POLICIES:
-        match = re.search(r"#define %s\(_\)\s*\\\n(.*?)\n\s*\n" % macro, text, re.S)
+        match = re.search(rf"#define {macro}\(_\)\s*\\\n(.*?)\n\s*\n", text, re.S)
         if match is None:
             raise RuntimeError(f"{header} has no {macro} list; this torch's autocast layout is unknown")
         ops = []
@@ -65,9 +66,9 @@ def op_lists() -> dict[str, list[str]]:
 
 def install(device_type: str) -> dict[str, list[str]]:
     """Register the AutocastPrivateUse1 kernels; returns the ops registered per policy."""
-    fallthrough = torch.library.Library("_", "IMPL")  # ops in no list run untouched
-    fallthrough.fallback(torch.library.fallthrough_kernel, "AutocastPrivateUse1")
-    lib = torch.library.Library("aten", "IMPL")
+    fallthrough = _library.Library("_", "IMPL")  # ops in no list run untouched
+    fallthrough.fallback(_library.fallthrough_kernel, "AutocastPrivateUse1")
+    lib = _library.Library("aten", "IMPL")
     _libraries.extend([fallthrough, lib])
     registered: dict[str, list[str]] = {}
     for policy, ops in op_lists().items():
@@ -89,7 +90,7 @@ def _overload(qualified: str) -> Any:
     return getattr(packet, overload or "default", None)
 
 
-_EXCLUDE = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastPrivateUse1)
+_EXCLUDE = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "AutocastPrivateUse1"))  # noqa: B009 (untyped)
 
 
 def _kernel(op: Any, policy: str, device_type: str) -> Callable[..., Any]:

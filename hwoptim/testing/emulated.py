@@ -40,15 +40,15 @@ import sys
 import threading
 import types
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
 __all__ = [
     "HostReads",
     "count_host_reads",
-    "installed_device_type",
     "install",
+    "installed_device_type",
     "main",
 ]
 
@@ -80,6 +80,9 @@ _capsule_pointer.restype = ctypes.c_void_p
 _capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
 
 _CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+# untyped in torch's stubs
+_library: Any = torch.library
+_to_dlpack: Callable[[torch.Tensor], Any] = getattr(torch.utils.dlpack, "to_dlpack")  # noqa: B009
 _lock = threading.Lock()
 
 
@@ -259,7 +262,7 @@ def _builtin_device_types() -> set[str]:
 
 def _check_dlpack_layout() -> None:
     probe = torch.arange(3.0)
-    capsule = torch.utils.dlpack.to_dlpack(probe)
+    capsule = _to_dlpack(probe)
     address = _capsule_pointer(capsule, b"dltensor")
     data = ctypes.c_void_p.from_address(address).value
     device = ctypes.c_int32.from_address(address + _DEVICE_TYPE_OFFSET).value
@@ -274,7 +277,7 @@ def _check_dlpack_layout() -> None:
 
 
 def _retag(tensor: torch.Tensor, device_type: int, index: int) -> torch.Tensor:
-    capsule = torch.utils.dlpack.to_dlpack(tensor)
+    capsule = _to_dlpack(tensor)
     address = _capsule_pointer(capsule, b"dltensor")
     ctypes.c_int32.from_address(address + _DEVICE_TYPE_OFFSET).value = device_type
     ctypes.c_int32.from_address(address + _DEVICE_ID_OFFSET).value = index
@@ -292,8 +295,13 @@ def _on_device(tensor: torch.Tensor, index: int) -> torch.Tensor:
     """A device tensor (device ``index``) that owns a reference to CPU tensor ``tensor``'s memory."""
     if tensor.numel() == 0:
         base = _retag(torch.empty(1, dtype=tensor.dtype), _kDLExtDev, index)
-        return torch.ops.aten.as_strided.default.redispatch(_CPU_KEYS, base, tensor.shape, tensor.stride(), 0)
+        return _metadata(torch.ops.aten.as_strided.default, base, tensor.shape, tensor.stride(), 0)
     return _retag(tensor, _kDLExtDev, index)
+
+
+def _metadata(op: Any, *args: Any) -> torch.Tensor:
+    """Run ``op``'s CPU kernel on device tensors: it only builds or rewrites their metadata."""
+    return cast(torch.Tensor, op.redispatch(_CPU_KEYS, *args))
 
 
 def _is_ours(x: Any, device_type: str) -> bool:
@@ -368,7 +376,7 @@ class _Fallback:
         # out= arguments get empty CPU tensors: the CPU kernel may resize its output, which
         # memory borrowed through DLPack cannot do (and it warns when resizing a non-empty
         # one: mse_loss.out resizes a 0-dim out on its way). Copied or adopted afterwards.
-        adopt = []
+        adopt: list[tuple[torch.Tensor, torch.Tensor]] = []
         for position, name in plan.outs:
             given = _argument(args, kwargs, position, name)
             if given is None:
@@ -389,7 +397,7 @@ class _Fallback:
             if cpu.shape == target.shape:
                 _cpu_alias(target).copy_(cpu)
             else:  # the kernel resized it: the device tensor takes over its memory
-                torch.ops.aten.set_.source_Tensor.redispatch(_CPU_KEYS, target, _on_device(cpu, index))
+                _metadata(torch.ops.aten.set_.source_Tensor, target, _on_device(cpu, index))
         results = (result,) if len(plan.returns) == 1 else tuple(result or ())
         wrapped = []
         for source, value in zip(plan.returns, results):
@@ -464,9 +472,9 @@ def _register_kernels(device_type: str) -> list[Any]:
     state = _require_installed()
     module = state.module
     fallback = _Fallback(device_type, module)
-    fallback_lib = torch.library.Library("_", "IMPL")
+    fallback_lib = _library.Library("_", "IMPL")
     fallback_lib.fallback(fallback, "PrivateUse1")
-    lib = torch.library.Library("aten", "IMPL")
+    lib = _library.Library("aten", "IMPL")
     set_source_tensor = torch.ops.aten.set_.source_Tensor
 
     def empty_memory_format(
@@ -494,7 +502,7 @@ def _register_kernels(device_type: str) -> list[Any]:
             if dst.numel() != 0:
                 raise RuntimeError("_copy_from_and_resize: only an empty destination can be resized")
             fresh = _on_device(torch.empty(src.shape, dtype=dst.dtype), dst.device.index)
-            set_source_tensor.redispatch(_CPU_KEYS, dst, fresh)
+            _metadata(set_source_tensor, dst, fresh)
         return copy_from(src, dst)
 
     def resize_(self: torch.Tensor, size: Any, memory_format: Any = None) -> torch.Tensor:
@@ -504,19 +512,19 @@ def _register_kernels(device_type: str) -> list[Any]:
             numel *= s
         available = self.untyped_storage().nbytes() - self.storage_offset() * self.element_size()
         if numel * self.element_size() <= available:  # fits: new metadata over the same memory
-            return torch.ops.aten.set_.source_Storage_storage_offset.redispatch(
-                _CPU_KEYS, self, self.untyped_storage(), self.storage_offset(), size,
-                torch.empty(size, device="meta").stride(),
+            return _metadata(
+                torch.ops.aten.set_.source_Storage_storage_offset, self, self.untyped_storage(),
+                self.storage_offset(), size, torch.empty(size, device="meta").stride(),
             )
         fresh = _on_device(torch.empty(size, dtype=self.dtype), self.device.index)
         if self.numel():
             keep = min(self.numel(), numel)
             _cpu_alias(fresh).view(-1)[:keep].copy_(_cpu_alias(self).reshape(-1)[:keep])
-        return set_source_tensor.redispatch(_CPU_KEYS, self, fresh)
+        return _metadata(set_source_tensor, self, fresh)
 
     def set_empty(self: torch.Tensor) -> torch.Tensor:
         fresh = _on_device(torch.empty(0, dtype=self.dtype), self.device.index)
-        return set_source_tensor.redispatch(_CPU_KEYS, self, fresh)
+        return _metadata(set_source_tensor, self, fresh)
 
     def metadata_only(overload: Any) -> Callable[..., Any]:
         def kernel(*args: Any, **kwargs: Any) -> Any:
@@ -607,7 +615,7 @@ class _DeviceModule:
         self._current = 0
         outer = self
 
-        class device:  # noqa: N801 -- torch.cuda.device's shape: a context manager
+        class device:  # torch.cuda.device's shape: a context manager
             """Make a device current for the block (as ``torch.cuda.device``)."""
 
             def __init__(self, device: Any) -> None:
