@@ -43,6 +43,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Callable, cast
 
 import torch
+import torch.utils.backend_registration  # noqa: F401 (checked by _check_torch)
 
 __all__ = [
     "HostReads",
@@ -221,34 +222,31 @@ def _require_installed() -> _State:
     return _state
 
 
-# What install() needs from torch, as (where, attribute); found on torch 2.6 and later.
+# What install() needs from torch: experimental APIs of recent releases (CI pins 2.13).
 _REQUIRED_APIS = (
-    ("torch.utils.backend_registration", "_setup_privateuseone_for_python_backend"),
-    ("torch.accelerator", "current_accelerator"),
-    ("torch._C", "_acc"),
-    ("torch.library.Library", "fallback"),
-    ("torch.serialization", "register_package"),
-    ("torch", "get_autocast_dtype"),
+    "utils.backend_registration._setup_privateuseone_for_python_backend",
+    "_C._acc.register_python_privateuseone_device_guard",
+    "accelerator.current_accelerator",
+    "library.Library.fallback",
+    "serialization.register_package",
+    "get_autocast_dtype",
 )
 
 
 def _check_torch() -> None:
     missing = []
-    for where, name in _REQUIRED_APIS:
+    for path in _REQUIRED_APIS:
+        owner: Any = torch
         try:
-            owner: Any = torch
-            for part in where.split(".")[1:]:
+            for part in path.split("."):
                 owner = getattr(owner, part)
-            if where == "torch.utils.backend_registration":
-                import torch.utils.backend_registration as owner
-            if not hasattr(owner, name):
-                missing.append(f"{where}.{name}")
-        except (AttributeError, ImportError):
-            missing.append(f"{where}.{name}")
+        except AttributeError:
+            missing.append(f"torch.{path}")
     if missing:
         raise RuntimeError(
-            f"hwoptim's emulated device needs torch >= 2.6; this is torch {torch.__version__}, "
-            f"which lacks {', '.join(missing)}: upgrade torch, or test through "
+            "hwoptim's emulated device needs a torch that registers PrivateUse1 backends from "
+            f"Python; this is torch {torch.__version__}, which lacks {', '.join(missing)}: use a "
+            "recent torch (hwoptim's CI runs it on 2.13), or test through "
             "hwoptim.testing.mock_backend instead"
         )
 

@@ -1,0 +1,86 @@
+"""hwoptim.testing.emulated from the outside: what it refuses before changing anything, and
+the runner that installs it in a process of its own. Its behaviour as a device is tested
+on the device itself, in tests/emulated (a separate pytest process, see .ci/run)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from hwoptim.testing import emulated
+
+
+@pytest.fixture(autouse=True)
+def _never_installed_here():
+    yield
+    # The rename cannot be undone: a test that installed it would change every later test.
+    assert emulated.installed_device_type() is None
+    assert torch._C._get_privateuse1_backend_name() == "privateuseone"
+
+
+def test_a_torch_without_the_apis_is_refused_with_what_is_missing(monkeypatch):
+    monkeypatch.setattr(emulated, "_REQUIRED_APIS", (*emulated._REQUIRED_APIS, "_C._no_such_api"))
+    with pytest.raises(RuntimeError, match=r"registers PrivateUse1 backends from Python; this is torch "
+                       rf"{re.escape(torch.__version__)}, which lacks torch\._C\._no_such_api.*mock_backend"):
+        emulated.install("emu")
+
+
+@pytest.mark.parametrize(("name", "count", "error"), [
+    ("cuda", 2, "a device type torch already has"),
+    ("Emu", 2, "lower-case name"),
+    ("my device", 2, "lower-case name"),
+    ("emu", 0, "device_count must be an int >= 1"),
+    ("emu", True, "device_count must be an int >= 1"),
+])
+def test_bad_arguments_are_refused_before_anything_changes(name, count, error):
+    with pytest.raises(ValueError, match=error):
+        emulated.install(name, count)
+
+
+def test_counting_host_reads_needs_the_device():
+    with pytest.raises(RuntimeError, match="not installed in this process.*--hwoptim-device emulated:emu"):
+        with emulated.count_host_reads():
+            pass
+
+
+def test_two_emulated_names_in_one_pytest_run_are_a_usage_error(pytester):
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_inprocess(
+        "-p", "no:hypothesispytest", "--hwoptim-device=emulated:emu", "--hwoptim-device=emulated:npu"
+    )
+    result.stderr.fnmatch_lines(["*one emulated device per process; got emulated:emu, emulated:npu*"])
+
+
+SCRIPT = """
+    import sys, torch
+    from hwoptim import get_backend
+    from hwoptim.testing import emulated
+
+    print("args", sys.argv[1:])
+    print("auto", get_backend("auto").device(), torch.ones(2, device="npu:1").device)
+    print("torch_npu", "torch_npu" in sys.modules)
+    try:
+        emulated.install("emu")
+    except RuntimeError as exc:
+        print("again:", exc)
+    sys.exit(3)
+"""
+
+
+def test_the_runner_installs_the_device_then_runs_the_script(tmp_path: Path):
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    result = subprocess.run(
+        [sys.executable, "-m", "hwoptim.testing.emulated", "--device", "npu", "--", str(script), "--steps", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 3, result.stderr  # the script's own exit code
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["args ['--steps', '2']", "auto npu:0 npu:1", "torch_npu True"]
+    assert lines[3].startswith("again: the emulated device is already installed in this process as 'npu'")
