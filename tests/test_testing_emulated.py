@@ -44,7 +44,7 @@ def test_bad_arguments_are_refused_before_anything_changes(name, count, error):
 
 
 def test_counting_host_reads_needs_the_device():
-    with pytest.raises(RuntimeError, match="not installed in this process.*--hwoptim-device emulated:emu"):
+    with pytest.raises(RuntimeError, match=r"not installed in this process.*--hwoptim-device emulated:emu"):
         with emulated.count_host_reads():
             pass
 

@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Callable, cast
 
 import torch
-import torch.utils.backend_registration  # noqa: F401 (checked by _check_torch)
+import torch.utils.backend_registration  # _check_torch looks into it
 
 __all__ = [
     "HostReads",
