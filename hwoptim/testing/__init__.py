@@ -5,6 +5,10 @@
 - ``hwoptim.testing.conformance.BackendConformance``: the pytest suite every backend passes.
 - The pytest plugin (loaded automatically once hwoptim is installed): the fixtures
   ``hwoptim_mock_backend`` and ``hwoptim_device`` and the ``--hwoptim-device`` option.
+- ``hwoptim.testing.emulated``: a real non-CPU device type backed by host memory (placement
+  errors like CUDA's, host reads counted), once per process: ``--hwoptim-device
+  emulated:emu`` or ``python -m hwoptim.testing.emulated -- script.py``. Import it
+  explicitly; importing this package does not install anything.
 
 Importing this package needs no pytest; only the conformance suite and the plugin do.
 """
