@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import sys
+import warnings
 from typing import Any, Callable
 
 import pytest
@@ -160,6 +161,24 @@ def test_op_matches_the_cpu(device, name):
     assert got.device == device
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_structured_ops_resize_their_own_outputs_silently(device):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # mse_loss.out resizes its 0-dim output on the CPU kernel's way
+        loss = nn.functional.mse_loss(torch.ones(3, device=device), torch.zeros(3, device=device))
+    assert loss.shape == () and float(loss) == 1.0
+
+
+def test_set_device_moves_where_unindexed_tensors_go(device):
+    module = getattr(torch, device.type)
+    try:
+        module.set_device(1)
+        assert torch.ones(1, device=device.type).device.index == 1
+        with module.device(0):
+            assert torch.ones(1, device=device.type).device.index == 0
+    finally:
+        module.set_device(0)
 
 
 # -- a training step -------------------------------------------------------------------------
