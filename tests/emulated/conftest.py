@@ -11,12 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hwoptim import Backend
 from hwoptim.testing.emulated import installed_device_type
 
 
 @pytest.fixture
-def device() -> torch.device:
-    """The emulated device the tests run on (index 0); installed by hwoptim's pytest plugin."""
-    device_type = installed_device_type()
-    assert device_type is not None, "tests/emulated needs --hwoptim-device emulated:NAME"
-    return torch.device(device_type, 0)
+def device(hwoptim_device: Backend) -> torch.device:
+    """The device the tests run on, through hwoptim's plugin as a user's suite would get it."""
+    device = hwoptim_device.device()
+    assert device.type == installed_device_type(), "tests/emulated needs --hwoptim-device emulated:NAME"
+    return device
