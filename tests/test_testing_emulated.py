@@ -59,6 +59,7 @@ def test_two_emulated_names_in_one_pytest_run_are_a_usage_error(pytester):
 
 SCRIPT = """
     import sys, torch
+    import helper_next_to_the_script  # found as with `python train.py`
     from hwoptim import get_backend
     from hwoptim.testing import emulated
 
@@ -76,6 +77,7 @@ SCRIPT = """
 def test_the_runner_installs_the_device_then_runs_the_script(tmp_path: Path):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(SCRIPT))
+    (tmp_path / "helper_next_to_the_script.py").write_text("")
     result = subprocess.run(
         [sys.executable, "-m", "hwoptim.testing.emulated", "--device", "npu", "--", str(script), "--steps", "2"],
         capture_output=True, text=True, timeout=300,

@@ -35,6 +35,7 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import os
 import runpy
 import sys
 import threading
@@ -742,6 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runpy.run_module(target[1], run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(target)
+            sys.path.insert(0, os.path.dirname(os.path.abspath(target[0])))  # as `python script.py`
             runpy.run_path(target[0], run_name="__main__")
     except SystemExit as exc:
         code = exc.code
