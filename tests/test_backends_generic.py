@@ -88,3 +88,23 @@ def test_the_dist_backend_comes_from_torch_distributed(
 def test_an_absent_accelerator_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match=r"no usable 'mtia' accelerator.*current accelerator is"):
         get_backend("mtia")
+
+
+def test_synchronize_falls_back_to_the_device_module_where_torch_accelerator_cannot(monkeypatch):
+    """A device registered from Python (hwoptim.testing.emulated) has no C++ guard that
+    synchronizes: torch.accelerator.synchronize raises, its device module does not."""
+
+    def refuse() -> None:
+        raise RuntimeError("Backend doesn't support synchronizing all streams on device.")
+
+    synchronized = []
+    with mock_backend("generic"):
+        backend = get_backend("auto")
+        monkeypatch.setattr(torch.accelerator, "synchronize", refuse)  # the mock's module
+        monkeypatch.setattr(torch, GENERIC_DEVICE_TYPE,
+                            types.SimpleNamespace(synchronize=lambda: synchronized.append(True)), raising=False)
+        backend.synchronize()
+        assert synchronized == [True]
+        monkeypatch.delattr(torch, GENERIC_DEVICE_TYPE)
+        with pytest.raises(RuntimeError, match="synchronizing all streams"):
+            backend.synchronize()  # no module to fall back on: torch's own error
