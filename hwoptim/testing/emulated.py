@@ -532,13 +532,13 @@ def _register_kernels(device_type: str) -> list[Any]:
         return kernel
 
     # PrivateUse1 convolutions dispatch to *_overrideable, which has no CPU kernel.
+    convolution_plan = _Plan(torch.ops.aten.convolution.default)
+
     def convolution(
         input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any,
         padding: Any, dilation: Any, transposed: bool, output_padding: Any, groups: int,
     ) -> torch.Tensor:
-        plan = fallback.plans.get("convolution") or _Plan(torch.ops.aten.convolution.default)
-        fallback.plans["convolution"] = plan
-        index = fallback.check_devices(plan, (input, weight, bias), {})
+        index = fallback.check_devices(convolution_plan, (input, weight, bias), {})
         cpu = [None if t is None else _cpu_alias(t) for t in (input, weight, bias)]
         out = torch.ops.aten.convolution.default(
             *cpu, stride, padding, dilation, transposed, output_padding, groups
