@@ -62,3 +62,27 @@ def test_logging_every_n_steps_costs_one_read(device):
         values = torch.stack([wrapper.last_grad_norm, wrapper.skipped_steps, wrapper.loss_scale]).tolist()
     assert reads.total == 1, reads
     assert values[1:] == [0.0, 256.0]
+
+
+@pytest.mark.parametrize("count", ["int", "tensor"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_item_weighted_updates_read_nothing(device, dtype, count):
+    """update_params(loss, num_items=n): the window's count is summed on the device."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).to(device)
+    wrapper = AmpOptimWrapper(torch.optim.AdamW(model.parameters(), fused=True), device="auto", dtype=dtype,
+                              accumulative_counts=2, clip_grad=dict(max_norm=1.0))
+    wrapper.initialize_count_status(model, 0, 4)
+    for items in (4, 3, 5, 2):
+        x = torch.randn(items, 6, device=device)
+        with wrapper.optim_context(model):
+            loss = model(x).float().square().sum()
+        num_items = items if count == "int" else torch.tensor(items, device=device)
+        with count_host_reads() as reads:
+            wrapper.update_params(loss, num_items=num_items)
+        assert reads.total == 0, reads
+    assert on_device(device, wrapper.last_loss, wrapper.skipped_steps, wrapper.last_grad_norm)
+
+
+def on_device(device, *tensors):
+    return all(t is not None and t.device == device for t in tensors)
