@@ -51,6 +51,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 _EMULATED_TESTS = Path(__file__).parent / "emulated"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if emulated_spec(config) is not None:
+        return
+    for arg in config.args:  # asked for by path: say how, rather than collect nothing
+        path = Path(arg.split("::")[0]).resolve()
+        if path == _EMULATED_TESTS or _EMULATED_TESTS in path.parents:
+            raise pytest.UsageError(
+                f"{arg} runs on the emulated device, in a process of its own: add "
+                "--hwoptim-device emulated:emu (or emulated:npu)"
+            )
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """tests/emulated is collected only with --hwoptim-device emulated:NAME, and the rest of
     the suite only without it: the emulated device becomes the process's accelerator (and
