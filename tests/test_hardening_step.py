@@ -651,3 +651,22 @@ def test_a_bad_saved_items_window_raises_before_anything_changes():
     with pytest.raises(ValueError, match="host_items must be an int >= 0; got -1"):
         wrapper.load_state_dict(state)
     assert wrapper.inner_count == 4
+
+
+@pytest.mark.parametrize("make", [fp16, fp32])
+def test_after_a_failed_num_items_step_the_next_window_counts_its_own_items_only(make):
+    model, reference = make_model(), make_model()
+    wrapper, ref_wrapper = make(model, False, dict(max_norm=1.0)), make(reference, False, dict(max_norm=1.0))
+    for wrapped, net in ((wrapper, model), (ref_wrapper, reference)):
+        wrapped.initialize_count_status(net, 0, None)
+        train_items(wrapped, net, range(2))
+    loss, n = summed_loss_of(model, 2)
+    wrapper.update_params(loss, num_items=n)
+    loss, n = summed_loss_of(model, 3)
+    with pytest.raises(TypeError):
+        wrapper.update_params(loss, step_kwargs={"junk": 1}, num_items=n)
+    assert wrapper._window_loss is None and wrapper._window_host_items == 0
+    train_items(wrapper, model, range(4, 8))
+    train_items(ref_wrapper, reference, range(4, 8))
+    assert_params_equal(model, reference)
+    assert torch.equal(wrapper.last_loss, ref_wrapper.last_loss)
