@@ -185,25 +185,29 @@ def build_torch(case: Case, model: nn.Module, batches: list[Batch], guard: bool 
     ``found_inf`` and skips a non-finite step itself; any other optimizer gets its gradients'
     nans zeroed (after a clip by an inf/nan norm every finite one is already 0), so a bad
     step never reaches the parameters. Under fp16 the scaler already skips such steps. The
-    skipped-step count is kept as hwoptim keeps it: each update appends its found_inf (or,
-    non-fused, its norm) to a list that is folded into the count every 256 updates.
+    counts are kept as hwoptim keeps them: each update appends its found_inf (a real skip)
+    or, non-fused, its norm (a step with zeroed gradients) to a list that is folded into
+    skipped_steps and zeroed_steps every 256 updates.
     """
     optimizer = make_optimizer(model, case)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     acc, max_norm, dtype = case.acc, case.max_norm, case.dtype
     clip = torch.nn.utils.clip_grad_norm_
     scaler = torch.amp.GradScaler("cpu") if case.scaled else None
-    skipped = torch.zeros(())
+    skipped, zeroed = torch.zeros(()), torch.zeros(())
     n_batches = len(batches)
     count = 0
 
-    pending: list[Tensor] = []  # found_inf > 0, or a non-finite norm: a skipped update
+    pending: list[Tensor] = []  # found_inf > 0: skipped; a non-finite norm: zeroed
 
     def note(value: Tensor) -> None:
         pending.append(value)
         if len(pending) >= 256:
             stacked = torch.stack([v.reshape(()) for v in pending])
-            skipped.add_(((stacked > 0) | ~torch.isfinite(stacked)).sum())
+            if case.fused or case.scaled:
+                skipped.add_((stacked > 0).sum())
+            else:
+                zeroed.add_((~torch.isfinite(stacked)).sum())
             pending.clear()
 
     def guarded_step(norm: Tensor) -> None:

@@ -168,9 +168,12 @@ def main(argv: list[str] | None = None) -> None:
             loss_sum.zero_()
             since_log = 0
 
-    skipped = wrapper.skipped_steps
+    # skipped: inf/nan updates skipped for real (the fp16 scaler, a fused optimizer);
+    # zeroed: those a non-fused optimizer stepped with zeroed gradients (bf16/fp32 clipping)
+    skipped, zeroed = wrapper.skipped_steps, wrapper.zeroed_steps
     print(f"done: {args.steps} micro-batches, {num_updates} optimizer updates, "
-          f"{0 if skipped is None else int(skipped.item())} skipped; "
+          f"{0 if skipped is None else int(skipped.item())} skipped, "
+          f"{0 if zeroed is None else int(zeroed.item())} zeroed; "
           f"checkpoint {args.checkpoint}")
 
 

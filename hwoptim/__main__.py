@@ -208,7 +208,7 @@ def run_demo(
     elapsed = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    skipped = wrapper.skipped_steps
+    skipped, zeroed = wrapper.skipped_steps, wrapper.zeroed_steps
     summary = {
         "device": str(wrapper.device),
         "backend": wrapper.backend.name,
@@ -217,6 +217,7 @@ def run_demo(
         "steps": steps,
         "updates": updates,
         "skipped_steps": 0 if skipped is None else int(skipped),
+        "zeroed_steps": 0 if zeroed is None else int(zeroed),
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "ms_per_step": 1000 * elapsed / steps,

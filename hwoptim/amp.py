@@ -76,9 +76,11 @@ class AmpOptimWrapper(OptimWrapper):
             scale), a dict of GradScaler arguments, or None (no scaling).
         use_fsdp: use the backend's sharded scaler (FSDP): the same scale and the same
             skipped steps on every rank.
-        accumulative_counts, clip_grad, num_items_group: as for OptimWrapper. Gradients are
-            unscaled before clipping; a step with inf/nan gradients is skipped and the scale
-            backs off.
+        accumulative_counts, clip_grad, num_items_group, save_partial_grads, exact_skip: as
+            for OptimWrapper (exact_skip acts where no scaler is on: a scaler skips for
+            real). Gradients are unscaled before clipping; a step with inf/nan gradients is
+            skipped and the scale backs off. Saved partial gradients are still multiplied by
+            the loss scale, which is saved with them.
     """
 
     def __init__(
@@ -92,6 +94,8 @@ class AmpOptimWrapper(OptimWrapper):
         clip_grad: Mapping[str, Any] | None = None,
         *,
         num_items_group: ItemsGroup = "auto",
+        save_partial_grads: bool = False,
+        exact_skip: bool = False,
     ) -> None:
         if optimizer is None:
             raise TypeError("AmpOptimWrapper needs an optimizer, e.g. AmpOptimWrapper(optimizer=opt)")
@@ -101,7 +105,12 @@ class AmpOptimWrapper(OptimWrapper):
         cast_dtype = backend.resolve_dtype(dtype)
         scaler_kwargs, fixed_scale = parse_loss_scale(loss_scale, cast_dtype)
         super().__init__(
-            optimizer, accumulative_counts, clip_grad, num_items_group=num_items_group
+            optimizer,
+            accumulative_counts,
+            clip_grad,
+            num_items_group=num_items_group,
+            save_partial_grads=save_partial_grads,
+            exact_skip=exact_skip,
         )
 
         self.backend = backend
@@ -122,25 +131,47 @@ class AmpOptimWrapper(OptimWrapper):
 
     def step(self, **kwargs: Any) -> None:
         """Divide by the window's item count (with ``num_items``), unscale, clip, then step
-        through the scaler, which skips a step with inf/nan gradients, and update the scale."""
+        through the scaler, which skips a step with inf/nan gradients, and update the scale.
+
+        If anything in here raises, the scaler is put back to the start of a step (its
+        per-step record of this optimizer is dropped; the scale is left as it was, not
+        updated) and the window's gradients, which may be half unscaled, are dropped (set
+        to None), so the next window starts clean.
+        """
         scaler = self.loss_scaler
         if scaler is None:
             super().step(**kwargs)
             return
-        empty = self._divide_by_items()
         optimizer = self.optimizer
-        if self._clip_fn is not None or empty is not None:
-            scaler.unscale_(optimizer)
-            if empty is not None:
-                self._skip_empty_window(scaler, empty)
-            if self._clip_fn is not None:
-                self._clip_grads()
-        scaler.step(optimizer, **kwargs)
+        try:
+            empty = self._divide_by_items()
+            if self._clip_fn is not None or empty is not None:
+                scaler.unscale_(optimizer)
+                if empty is not None:
+                    self._skip_empty_window(scaler, empty)
+                if self._clip_fn is not None:
+                    self._clip_grads()
+            scaler.step(optimizer, **kwargs)
+        except BaseException:
+            self._abandon_step()
+            raise
         self._count_scaler_skip(scaler)
         scaler.update(self._scale_update_param)
 
     def _placement_device(self) -> torch.device:
         return self.device
+
+    def _abandon_step(self) -> None:
+        """OptimWrapper's, plus the scaler's per-step state: without this the next
+        ``unscale_`` raises "unscale_() has already been called", or, without clipping, the
+        next step takes still-scaled gradients for unscaled ones and skips the inf check."""
+        states = getattr(self.loss_scaler, "_per_optimizer_states", None)
+        if isinstance(states, dict):
+            states.pop(id(self.optimizer), None)
+        # GradScaler hands a fused optimizer its scale and found_inf as attributes and
+        # removes them only after a step that returned
+        self.optimizer.__dict__.pop("grad_scale", None)
+        super()._abandon_step()
 
     def _forward_context(self) -> AbstractContextManager[Any]:
         """``optim_context`` runs the forward in autocast to ``cast_dtype``."""

@@ -12,6 +12,7 @@ back to the host.
 from __future__ import annotations
 
 import inspect
+import operator
 import warnings
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -20,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from hwoptim.backends.base import has_gradient_sync, skip_gradient_sync
+from hwoptim.backends.base import has_gradient_sync, skip_gradient_sync, unwrap_compiled
 from hwoptim.clip import ClipFn, ClipGrad, parse_clip_grad
 from hwoptim.num_items import (
     HostMirror,
@@ -38,6 +39,7 @@ _WRAPPER_KEYS = frozenset({STATE_KEY, "loss_scaler", "base_param_settings"})
 _EMPTY: Mapping[str, Any] = {}
 #: updates between two folds of the lazily kept skip records into skipped_steps
 _FOLD_EVERY = 256
+_GROUP_PARAMS = operator.itemgetter("params")
 
 
 def check_accumulative_counts(value: Any) -> int:
@@ -68,6 +70,77 @@ def _found_inf(norm: Tensor) -> Tensor:
     return found if found.dtype == torch.float32 else found.float()
 
 
+def _bad_update(norm: Tensor | None, empty: Tensor | None) -> Tensor:
+    """An update's found_inf: 1.0 when its gradient norm is inf or nan or (``num_items``)
+    its window held no item, else 0.0; a float32 tensor on the device."""
+    if norm is None:
+        assert empty is not None, "an update without clipping has no norm to check"
+        return empty
+    found = _found_inf(norm)
+    return found if empty is None else torch.maximum(found, empty)
+
+
+def _step_tensors(
+    optimizer: torch.optim.Optimizer, params: list[Tensor], device: torch.device
+) -> list[Tensor] | None:
+    """``params`` and every value of their optimizer state, if all are tensors on
+    ``device`` and every parameter has state already; else None (not restorable there)."""
+    tensors = list(params)
+    state = optimizer.state
+    for param in params:
+        entry = state.get(param)
+        if not entry:
+            return None
+        for value in entry.values():
+            if value is None:
+                continue
+            if not isinstance(value, Tensor) or value.device != device:
+                return None
+            tensors.append(value)
+    return tensors
+
+
+def _keeps_own_grads(model: Any) -> bool:
+    """Whether ``model`` is (or holds) FSDP1 or FSDP2 modules, which accumulate the gradients
+    of a window's unreduced micro-batches outside the optimizer's parameters' ``.grad``."""
+    root = unwrap_compiled(model)
+    if not isinstance(root, torch.nn.Module):
+        return False
+    fsdp1: tuple[type, ...] = ()
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        fsdp1 = (FullyShardedDataParallel,)
+    return any(
+        isinstance(m, fsdp1) or callable(getattr(m, "set_requires_gradient_sync", None))
+        for m in root.modules()
+    )
+
+
+def _check_items_window(window: Any) -> tuple[Tensor, Tensor | None, int] | None:
+    """A saved num_items window, (loss sum, device item count or None, host item count)."""
+    if window is None:
+        return None
+    where = f"state dict entry {STATE_KEY}.items_window"
+    if not isinstance(window, Mapping) or not {"loss", "items", "host_items"} <= set(window):
+        raise ValueError(f"{where} must be a dict with 'loss', 'items' and 'host_items'; got {window!r:.80}")
+    loss, items, host_items = window["loss"], window["items"], window["host_items"]
+    for name, value in (("loss", loss), ("items", items)):
+        if value is None and name == "items":
+            continue
+        if not isinstance(value, Tensor) or value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{where}.{name} must be a one-element real tensor; got {value!r:.80}")
+    if isinstance(host_items, bool) or not isinstance(host_items, int) or host_items < 0:
+        raise ValueError(f"{where}.host_items must be an int >= 0; got {host_items!r}")
+    return loss, items, host_items
+
+
+def _rank() -> int:
+    """This process's rank in the default process group; 0 outside torch.distributed."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _has_batch_norm(model: Any) -> bool:
     if not isinstance(model, torch.nn.Module):
         return False
@@ -89,6 +162,17 @@ class OptimWrapper:
             FSDP2/HSDP's data-parallel groups, else the default group when
             torch.distributed is initialized), "local" (this rank only) or a ProcessGroup.
             See docs/variable-size-batches.md.
+        save_partial_grads: ``state_dict()`` taken inside an accumulation window also saves
+            the gradients accumulated so far, so a resume from it is exact wherever the
+            checkpoint falls. Off by default: such a checkpoint is larger by one copy of
+            the gradients (see docs/checkpoints.md for DDP and FSDP).
+        exact_skip: with clipping, a non-fused optimizer and no loss scaler, skip an update
+            whose gradient norm is inf or nan for real, with no host sync: the parameters
+            and the optimizer state it would change are copied before the step and copied
+            back on the device after it when the norm was not finite (counted in
+            ``skipped_steps``). Off by default: it costs a copy of those tensors per update.
+            Without it, or where the state cannot be restored on the device, such an update
+            is a step with zeroed gradients (counted in ``zeroed_steps``; see ``step``).
 
     Example::
 
@@ -121,6 +205,8 @@ class OptimWrapper:
         clip_grad: Mapping[str, Any] | None = None,
         *,
         num_items_group: ItemsGroup = "auto",
+        save_partial_grads: bool = False,
+        exact_skip: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -133,6 +219,9 @@ class OptimWrapper:
             raise ValueError(
                 f"num_items_group must be 'auto', 'local' or a ProcessGroup; got {num_items_group!r}"
             )
+        for name, flag in (("save_partial_grads", save_partial_grads), ("exact_skip", exact_skip)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False; got {flag!r}")
 
         self.optimizer = optimizer
         self._accumulative_counts = accumulative_counts
@@ -143,17 +232,24 @@ class OptimWrapper:
         self._max_counts = -1
         self._remainder_counts = -1
         self._warned_unknown_end = False
+        self._save_partial_grads = save_partial_grads
+        #: the inner_count whose window's gradients load_state_dict restored (-1: none)
+        self._grads_restored_at = -1
 
         #: the total gradient norm before the last clipping, as a device tensor (None until
         #: then); turning it into a number is a host sync, so log it every N steps
         self.last_grad_norm: Tensor | None = None
         self._skipped: Tensor | None = None
-        # Skips are counted lazily: each update only appends its found_inf (a fused
-        # optimizer's or the scaler's) or its norm (non-finite = skipped) here, and the
-        # lists are folded into _skipped every _FOLD_EVERY updates or when it is read.
+        self._zeroed: Tensor | None = None
+        # Counted lazily: each update only appends here its found_inf (a fused optimizer's
+        # or the scaler's: > 0 is a real skip) or, for a step run with zeroed gradients,
+        # its norm (non-finite = zeroed) or flag; the lists are folded into _skipped and
+        # _zeroed every _FOLD_EVERY updates or when either count is read.
         self._pending_found: list[Tensor] = []
         self._pending_norms: list[Tensor] = []
+        self._pending_zeroed: list[Tensor] = []  # flags (> 0: zeroed) where no norm tells
         self._takes_found_inf = _takes_found_inf(optimizer)
+        self._exact_skip = exact_skip and not self._takes_found_inf  # fused: skips anyway
         self._zero_clamped = clip is not None and clip.kind == "value"
 
         # Item-weighted accumulation (num_items): the current window's item count (a host
@@ -178,8 +274,11 @@ class OptimWrapper:
         self._skips_sync = False  # decided per model by _bind_model
         self._custom_no_sync = False  # AmpOptimWrapper: its backend overrides no_sync()
         self._clip_fn: ClipFn | None = None
+        # The flat parameter list clipping and the guard walk, rebuilt when the number of
+        # groups or of parameters in them changes (add_param_group, params.extend(...)).
         self._params: list[Tensor] = []
         self._n_groups = -1
+        self._n_params = -1
         self._rebuild_clip_fn()
 
     # -- the training step ---------------------------------------------------------------
@@ -201,6 +300,10 @@ class OptimWrapper:
         each loss by the window length: the gradient of the mean over every item of the
         update, whatever the micro-batch sizes. Give it for every micro-batch of a window
         or for none. See docs/variable-size-batches.md.
+
+        After an exception the wrapper stays usable: see ``backward`` and ``step`` for what
+        each one leaves behind. If ``zero_grad(**zero_kwargs)`` raises, the step has been
+        taken and the gradients are dropped anyway, so the next window starts from zero.
         """
         if num_items is None:
             self.backward(self.scale_loss(loss))
@@ -210,7 +313,12 @@ class OptimWrapper:
                 self._warn_unknown_end(self._accumulative_counts, stacklevel=3)
         if self.should_update():
             self.step(**(step_kwargs or _EMPTY))
-            self.zero_grad(**(zero_kwargs or _EMPTY))
+            try:
+                self.zero_grad(**(zero_kwargs or _EMPTY))
+            except BaseException:
+                self.optimizer.zero_grad()
+                self._reset_window()
+                raise
 
     def backward(
         self, loss: Tensor, *, num_items: int | Tensor | None = None, **kwargs: Any
@@ -221,20 +329,24 @@ class OptimWrapper:
         so FSDP (which reads its flag during backward) skips the collective too.
         ``num_items``: ``loss`` sums that many items' losses; the next ``step`` divides the
         gradients by the window's total (see ``update_params``). Errors are raised before
-        anything runs.
+        anything runs. If the backward raises, the sync skip ends all the same and the
+        micro-batch is not counted; gradients torch accumulated before the failure stay
+        (they cannot be told apart): call ``zero_grad()`` to drop the window if that matters.
         """
-        if num_items is None:
-            if self._window_loss is not None:
-                raise ValueError(self._mixed_window_message("without"))
-            self._scaled(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
-            self._plain_in_window = True
-        else:
-            count = self._check_items(num_items)
-            self._scaled(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
-            self._add_items(loss, count)  # only once its gradients are there
+        try:
+            if num_items is None:
+                if self._window_loss is not None:
+                    raise ValueError(self._mixed_window_message("without"))
+                self._scaled(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
+                self._plain_in_window = True
+            else:
+                count = self._check_items(num_items)
+                self._scaled(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
+                self._add_items(loss, count)  # only once its gradients are there
+        finally:
+            if self._pending_no_sync is not None:
+                self._release_no_sync()
         self._inner_count += 1
-        if self._pending_no_sync is not None:
-            self._release_no_sync()
 
     def _scaled(self, loss: Tensor) -> Tensor:
         """The tensor backward runs on (AmpOptimWrapper: the loss times the loss scale)."""
@@ -245,55 +357,108 @@ class OptimWrapper:
 
         A window of ``num_items`` micro-batches first has its gradients divided by its
         item count over all data-parallel ranks (``_divide_by_items``), so the clip sees
-        the norm of the per-item mean. With clipping, a step whose gradient norm is inf or nan never puts a non-finite
-        value into the parameters, and needs no host sync to ensure it: a fused optimizer
-        skips the step on the device; any other one steps with zeroed gradients.
-        ``skipped_steps`` counts these steps.
-        """
-        empty = self._divide_by_items()
-        if self._clip_fn is None:
-            if empty is None:
-                self.optimizer.step(**kwargs)
-            else:  # an empty window's gradients are zero: skip (fused) or a zero step
-                self._count_skipped(empty)
-                self._step_with_found_inf(empty, kwargs)
-            return
-        norm = self._clip_grads()
-        optimizer = self.optimizer
-        if self._takes_found_inf:
-            found_inf = _found_inf(norm)
-            if empty is not None:
-                found_inf = torch.maximum(found_inf, empty)
-            self._count_skipped(found_inf)
-            self._step_with_found_inf(found_inf, kwargs)
-            return
-        # After clipping by an inf/nan norm every finite gradient is already 0 (clip
-        # coefficient 0); value clipping leaves clamped values, so zero them here. Then the
-        # nan ones become 0 too, and the step cannot put a non-finite value anywhere. No
-        # foreach op maps nan to 0, hence the loop: a fused optimizer avoids its cost.
-        if empty is None:
-            self._count_nonfinite(norm)
-        else:  # counted once when an empty window also has a non-finite norm
-            self._count_skipped(torch.maximum(_found_inf(norm), empty))
-        grads = [param.grad for param in self._params if param.grad is not None]
-        if self._zero_clamped and grads:  # no gradients at all: step like mmengine
-            torch._foreach_mul_(grads, torch.isfinite(norm).float())
-        for grad in grads:
-            grad.nan_to_num_(0.0, 0.0, 0.0)
-        optimizer.step(**kwargs)
+        the norm of the per-item mean. With clipping, a step whose gradient norm is inf or
+        nan never puts a non-finite value into the parameters, and needs no host sync to
+        ensure it; the same holds for a ``num_items`` window without items. A fused
+        optimizer skips such a step on the device (counted in ``skipped_steps``); any other
+        one steps with zeroed gradients (counted in ``zeroed_steps``: momentum, weight decay
+        and the optimizer's step count still act), unless ``exact_skip=True`` undoes it.
 
-    def _step_with_found_inf(self, found_inf: Tensor, kwargs: Mapping[str, Any]) -> None:
-        """Step; an optimizer that takes ``found_inf`` skips itself on the device when it
-        is > 0, any other steps (its gradients were zeroed for such a step)."""
+        If anything in here raises (a bad ``step_kwargs``, ``error_if_nonfinite``), the
+        window's gradients are dropped (set to None) and nothing is counted, so the next
+        window starts clean; the optimizer keeps whatever its failed ``step`` did.
+        """
+        try:
+            empty = self._divide_by_items()
+            if self._clip_fn is None and empty is None:
+                self.optimizer.step(**kwargs)
+                return
+            norm = None if self._clip_fn is None else self._clip_grads()
+            if self._takes_found_inf:
+                self._step_skipping(_bad_update(norm, empty), kwargs)
+            elif self._exact_skip:
+                self._step_restoring(norm, _bad_update(norm, empty), kwargs)
+            else:
+                self._step_zeroing(norm, empty, kwargs)
+        except BaseException:
+            self._abandon_step()
+            raise
+
+    def _step_skipping(self, found_inf: Tensor, kwargs: Mapping[str, Any]) -> None:
+        """A fused optimizer skips a step itself, on the device, when ``found_inf`` > 0."""
         optimizer = self.optimizer
-        if not self._takes_found_inf:
-            optimizer.step(**kwargs)
-            return
         optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         try:
             optimizer.step(**kwargs)
         finally:
             del optimizer.found_inf  # type: ignore[attr-defined]
+        self._count_skipped(found_inf)
+
+    def _step_zeroing(self, norm: Tensor | None, empty: Tensor | None, kwargs: Mapping[str, Any]) -> None:
+        """Any other optimizer steps with the gradients of a bad update zeroed (an empty
+        window's are zero already: divided by an infinite count)."""
+        if norm is not None:
+            self._zero_nonfinite_grads(norm, [p.grad for p in self._params if p.grad is not None])
+        self.optimizer.step(**kwargs)
+        if empty is None and norm is not None:
+            self._count_nonfinite(norm)  # no device work until the fold
+        else:
+            self._count_zeroed(_bad_update(norm, empty))
+
+    def _step_restoring(self, norm: Tensor | None, found_inf: Tensor, kwargs: Mapping[str, Any]) -> None:
+        """``exact_skip``: a zeroed step, then undone on the device when ``found_inf`` > 0.
+
+        What a step changes is the parameters with a gradient and their optimizer state.
+        Both are copied before it and, for a bad update, copied back after it
+        (``torch.where`` on the device: no host sync). Where that cannot be exact, decided
+        on the host from the state's layout alone -- a parameter whose state the step is
+        about to create, a state value that is not a tensor on the flag's device (the host
+        step count of a non-capturable Adam on a GPU), or a state tensor the step replaced
+        by one of another shape -- nothing is restored and the update counts as zeroed.
+        """
+        params = [p for p in self._flat_params() if p.grad is not None]
+        if norm is not None:
+            self._zero_nonfinite_grads(norm, [p.grad for p in params if p.grad is not None])
+        device = found_inf.device
+        before = _step_tensors(self.optimizer, params, device)
+        saved = None
+        if before is not None:
+            with torch.no_grad():
+                saved = torch._foreach_mul(before, 1)  # copies, in their dtypes, in one call
+        self.optimizer.step(**kwargs)
+        after = None if saved is None else _step_tensors(self.optimizer, params, device)
+        if (
+            after is None
+            or saved is None
+            or len(after) != len(saved)
+            or any(a.shape != s.shape or a.dtype != s.dtype for a, s in zip(after, saved))
+        ):
+            self._count_zeroed(found_inf)
+            return
+        skip = found_inf.reshape(()).bool()
+        with torch.no_grad():  # where(), not a blend: a nan the step made must not survive
+            for live, copy in zip(after, saved):
+                torch.where(skip, copy, live, out=live)
+        self._count_skipped(found_inf)
+
+    def _zero_nonfinite_grads(self, norm: Tensor, grads: list[Tensor]) -> None:
+        """Make the step of a non-finite norm a step with zero gradients, on the device."""
+        # After clipping by an inf/nan norm every finite gradient is already 0 (clip
+        # coefficient 0); value clipping leaves clamped values, so zero them here. Then the
+        # nan ones become 0 too, and the step cannot put a non-finite value anywhere. No
+        # foreach op maps nan to 0, hence the loop: a fused optimizer avoids its cost.
+        if self._zero_clamped and grads:  # no gradients at all: step like mmengine
+            torch._foreach_mul_(grads, torch.isfinite(norm).float())
+        for grad in grads:
+            grad.nan_to_num_(0.0, 0.0, 0.0)
+
+    def _abandon_step(self) -> None:
+        """Make the wrapper usable after an exception in ``step``: drop the window's
+        gradients (they may be half unscaled, clipped or zeroed), its item count and any
+        found_inf left on the optimizer, so the next window starts from zero."""
+        self.optimizer.__dict__.pop("found_inf", None)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._reset_window()
 
     def zero_grad(self, **kwargs: Any) -> None:
         """``optimizer.zero_grad(**kwargs)``; an item count gathered since the last step is
@@ -425,8 +590,9 @@ class OptimWrapper:
             self._warned_empty = True
             warnings.warn(
                 f"{int(seen)} update(s) had no items (num_items summed to 0 over the window "
-                "and every data-parallel rank): they were skipped and are counted in "
-                "skipped_steps; check the data (all padding?) or the count you pass",
+                "and every data-parallel rank): they were skipped (counted in skipped_steps) "
+                "or, for a non-fused optimizer, stepped with zero gradients (zeroed_steps); "
+                "check the data (all padding?) or the count you pass",
                 UserWarning,
                 stacklevel=3,
             )
@@ -460,8 +626,10 @@ class OptimWrapper:
 
         ``max_counts`` (usually ``len(loader) * epochs``) lets the last, shorter window step
         with the right loss factor; ``None`` means the end is unknown. Warns on a resume
-        inside a window (its earlier micro-batches are lost) and on BatchNorm with
-        accumulation (batch statistics see micro-batches, not the whole window).
+        inside a window unless ``load_state_dict`` restored that window's gradients (saved
+        with ``save_partial_grads=True``), since its earlier micro-batches are lost
+        otherwise, and on BatchNorm with accumulation (batch statistics see micro-batches,
+        not the whole window).
         """
         if isinstance(init_counts, bool) or not isinstance(init_counts, int) or init_counts < 0:
             raise ValueError(f"init_counts must be an int >= 0; got {init_counts!r}")
@@ -477,11 +645,14 @@ class OptimWrapper:
         if model is not None:
             self._bind_model(model)
         acc = self._accumulative_counts
-        if acc > 1 and init_counts % acc != 0:
+        mid_window = init_counts % acc != 0 and init_counts != max_counts  # max: the last one ended
+        if mid_window and init_counts != self._grads_restored_at:
             warnings.warn(
                 f"Resumed iteration number {init_counts} is not divisible by "
                 f"accumulative_counts={acc}: the first window after resuming misses "
-                f"{init_counts % acc} micro-batch(es) whose gradients were not saved",
+                f"{init_counts % acc} micro-batch(es) whose gradients were not saved; "
+                "build the wrapper with save_partial_grads=True to save them in "
+                "state_dict(), or checkpoint at the end of a window",
                 UserWarning,
                 stacklevel=2,
             )
@@ -569,14 +740,33 @@ class OptimWrapper:
 
     @property
     def skipped_steps(self) -> Tensor | None:
-        """How many updates had a non-finite gradient and were skipped, as a device tensor.
+        """How many updates were really skipped (parameters and optimizer state untouched)
+        because a gradient was inf or nan, or (``num_items``) the window held no item, as a
+        device tensor.
 
-        None until a step has been checked (checks happen when clipping or loss scaling is
-        on). Read it every N steps for logging; reading its value is a host sync.
+        Real skips are those of a loss scaler, of a fused optimizer (which takes found_inf)
+        and of ``exact_skip``. None until a step has been checked (checks happen when
+        clipping or loss scaling is on, or with ``num_items``). Read it every N steps for
+        logging; reading its value is a host sync.
         """
         self._fold_skipped()
         self._check_empty_windows()
         return self._skipped
+
+    @property
+    def zeroed_steps(self) -> Tensor | None:
+        """How many updates had an inf or nan gradient (or, with ``num_items``, no item) and
+        were stepped with zeroed gradients instead of skipped, as a device tensor (None
+        until a step has been checked).
+
+        This is what a non-fused optimizer gets without a loss scaler: no non-finite value
+        reaches the parameters, but momentum, weight decay and the optimizer's step count
+        act as for a zero gradient. A fused optimizer (``fused=True``) or
+        ``exact_skip=True`` skips these steps for real, on the device.
+        """
+        self._fold_skipped()
+        self._check_empty_windows()
+        return self._zeroed
 
     def _count_skipped(self, found_inf: Tensor) -> None:
         """Note an update's found_inf (> 0: skipped). No device work until the fold."""
@@ -585,27 +775,36 @@ class OptimWrapper:
             self._fold_skipped()
 
     def _count_nonfinite(self, norm: Tensor) -> None:
-        """Note an update's gradient norm (inf/nan: skipped). No device work until the fold."""
+        """Note the norm of an update stepped with zeroed gradients (inf/nan: zeroed)."""
         self._pending_norms.append(norm)
         if len(self._pending_norms) >= _FOLD_EVERY:
             self._fold_skipped()
 
+    def _count_zeroed(self, found_inf: Tensor) -> None:
+        """Note the flag of an update stepped with zeroed gradients (> 0: zeroed)."""
+        self._pending_zeroed.append(found_inf)
+        if len(self._pending_zeroed) >= _FOLD_EVERY:
+            self._fold_skipped()
+
     def _fold_skipped(self) -> None:
-        found, norms = self._pending_found, self._pending_norms
-        if not found and not norms:
+        """Fold the pending records into skipped_steps and zeroed_steps, on the device."""
+        found, norms, flags = self._pending_found, self._pending_norms, self._pending_zeroed
+        if not found and not norms and not flags:
             return
-        device = (found or norms)[-1].device  # where the gradients are now
-        count = torch.zeros((), dtype=torch.float32, device=device)
+        device = (found or norms or flags)[-1].device  # where the gradients are now
+        skipped = torch.zeros((), dtype=torch.float32, device=device)
+        zeroed = torch.zeros((), dtype=torch.float32, device=device)
         if found:
-            count += (torch.stack([f.reshape(()).to(device) for f in found]) > 0).sum()
+            skipped += (torch.stack([f.reshape(()).to(device) for f in found]) > 0).sum()
         if norms:
-            count += (~torch.isfinite(torch.stack([n.reshape(()).to(device) for n in norms]))).sum()
-        if self._skipped is None:
-            self._skipped = count
-        else:
-            self._skipped = self._skipped.to(device) + count
+            zeroed += (~torch.isfinite(torch.stack([n.reshape(()).to(device) for n in norms]))).sum()
+        if flags:
+            zeroed += (torch.stack([f.reshape(()).to(device) for f in flags]) > 0).sum()
+        self._skipped = skipped if self._skipped is None else self._skipped.to(device) + skipped
+        self._zeroed = zeroed if self._zeroed is None else self._zeroed.to(device) + zeroed
         found.clear()
         norms.clear()
+        flags.clear()
 
     # -- optimizer views ---------------------------------------------------------------------
 
@@ -638,13 +837,44 @@ class OptimWrapper:
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer's state dict plus ``"hwoptim"``: the counters, for an exact resume."""
+        """The optimizer's state dict plus ``"hwoptim"``: the counters, for an exact resume.
+
+        With ``save_partial_grads=True`` and inside a window, ``"hwoptim"`` also holds
+        ``"grads"``: {index: gradient} in the optimizer state dict's parameter numbering
+        (parameters without a gradient are left out), ``"grads_rank"``: the data-parallel
+        rank they belong to, and with ``num_items`` ``"items_window"``: the window's item
+        count and loss sum so far. Like the optimizer's state, the tensors are the live
+        ones, not copies: save the dict (``torch.save``) before training on.
+        """
         state = self.optimizer.state_dict()
-        state[STATE_KEY] = {
+        counters: dict[str, Any] = {
             "inner_count": self._inner_count,
             "max_counts": self._max_counts,
             "accumulative_counts": self._accumulative_counts,
         }
+        if self._save_partial_grads and not self.should_update():
+            if _keeps_own_grads(self._model):
+                warnings.warn(
+                    "save_partial_grads: this model is FSDP-sharded, and FSDP keeps the "
+                    "window's gradients inside itself, not in the parameters' .grad: they "
+                    "are not saved, and a resume from this checkpoint misses the window's "
+                    "earlier micro-batches; checkpoint at the end of a window instead",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            else:
+                params = self._flat_params()
+                counters["grads"] = {
+                    i: p.grad.detach() for i, p in enumerate(params) if p.grad is not None
+                }
+                counters["grads_rank"] = _rank()
+                if self._window_loss is not None:  # num_items: the window's count so far
+                    counters["items_window"] = {
+                        "loss": self._window_loss,
+                        "items": self._window_items,
+                        "host_items": self._window_host_items,
+                    }
+        state[STATE_KEY] = counters
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -683,7 +913,48 @@ class OptimWrapper:
         counters = state_dict.get(STATE_KEY)
         if counters is not None:
             plan["counters"] = self._check_counters(counters)
+            if "grads" in counters:
+                plan["grads"] = self._check_grads(counters["grads"], counters.get("grads_rank", 0))
+                if plan["grads"] is not None:
+                    plan["items_window"] = _check_items_window(counters.get("items_window"))
         return plan
+
+    def _check_grads(self, grads: Any, rank: Any) -> list[Tensor | None] | None:
+        """The saved partial gradients, one per parameter (None: no gradient); None when
+        they belong to another data-parallel rank and cannot be used here."""
+        where = f"state dict entry {STATE_KEY}.grads"
+        if not isinstance(grads, Mapping):
+            raise ValueError(f"{where} must be a dict {{index: tensor}}; got {type(grads).__name__}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"state dict entry {STATE_KEY}.grads_rank must be an int >= 0; got {rank!r}")
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        restored: list[Tensor | None] = [None] * len(params)
+        for index, grad in grads.items():
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(params):
+                raise ValueError(
+                    f"{where}: {index!r} is not a parameter index of this optimizer "
+                    f"(0 to {len(params) - 1})"
+                )
+            if not isinstance(grad, Tensor) or not grad.is_floating_point():
+                raise ValueError(f"{where}[{index}] must be a floating-point tensor; got {grad!r:.80}")
+            if grad.shape != params[index].shape:
+                raise ValueError(
+                    f"{where}[{index}] has shape {tuple(grad.shape)}, the parameter "
+                    f"{tuple(params[index].shape)}"
+                )
+            restored[index] = grad
+        here = _rank()
+        if rank != here:
+            warnings.warn(
+                f"the checkpoint's partial gradients were saved by data-parallel rank {rank}, "
+                f"this is rank {here}: they are not loaded here, and this rank's first window "
+                "after resuming misses its earlier micro-batches. Save and load each rank's "
+                "own state_dict() for an exact resume (docs/checkpoints.md)",
+                UserWarning,
+                stacklevel=4,
+            )
+            return None
+        return restored
 
     def _check_counters(self, counters: Any) -> tuple[int, int]:
         if not isinstance(counters, Mapping):
@@ -717,7 +988,30 @@ class OptimWrapper:
             self._inner_count = inner
             self._max_counts = max_counts
             self._remainder_counts = -1 if max_counts == -1 else max_counts % self._accumulative_counts
-        self._n_groups = -1  # parameters may have been re-grouped
+        if plan.get("grads") is not None:
+            self._restore_grads(plan["grads"])
+            self._restore_items_window(plan["items_window"])
+        self._n_groups = self._n_params = -1  # parameters may have been re-grouped
+
+    def _restore_grads(self, grads: list[Tensor | None]) -> None:
+        """Put a window's saved gradients back: copies, on each parameter's device and in
+        its dtype; a parameter without a saved gradient gets none."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for param, grad in zip(params, grads):
+            param.grad = None if grad is None else grad.to(param.device, param.dtype, copy=True)
+        self._grads_restored_at = self._inner_count
+
+    def _restore_items_window(self, window: tuple[Tensor, Tensor | None, int] | None) -> None:
+        """The num_items count of the restored window (none: its micro-batches had none)."""
+        self._reset_window()
+        if window is None:
+            return
+        loss, items, host_items = window
+        params = self._flat_params()
+        device = params[0].device if params else loss.device
+        self._window_loss = loss.to(device, torch.float32, copy=True)
+        self._window_items = None if items is None else items.to(device, torch.float32, copy=True)
+        self._window_host_items = host_items
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -801,14 +1095,26 @@ class OptimWrapper:
             self._clip_fn = self._clip.clip_fn(self._model, scaled=scaled)
 
     def _clip_grads(self) -> Tensor:
-        groups = self.optimizer.param_groups
-        if len(groups) != self._n_groups:  # add_param_group or a reload
-            self._params = [p for group in groups for p in group["params"]]
-            self._n_groups = len(groups)
         assert self._clip_fn is not None
-        norm = self._clip_fn(self._params)
+        norm = self._clip_fn(self._flat_params())
         self.last_grad_norm = norm
         return norm
+
+    def _flat_params(self) -> list[Tensor]:
+        """All the optimizer's parameters, group after group.
+
+        Rebuilt when the number of groups or of parameters changes: add_param_group, a
+        reload, or a group's list extended in place (progressive unfreezing). Counting is
+        one pass in C over the groups, a fraction of what clipping itself spends in Python
+        per parameter; a parameter swapped for another in place (same count) is not seen.
+        """
+        groups = self.optimizer.param_groups
+        n_params = sum(map(len, map(_GROUP_PARAMS, groups)))
+        if n_params != self._n_params or len(groups) != self._n_groups:
+            self._params = [p for group in groups for p in group["params"]]
+            self._n_groups = len(groups)
+            self._n_params = n_params
+        return self._params
 
     def __repr__(self) -> str:
         lines = [

@@ -136,6 +136,11 @@ class OptimWrapperDict(OptimWrapper):
         """``{name: skipped_steps}``."""
         return {name: w.skipped_steps for name, w in self.optim_wrappers.items()}
 
+    @property
+    def zeroed_steps(self) -> dict[str, Tensor | None]:  # type: ignore[override]
+        """``{name: zeroed_steps}``."""
+        return {name: w.zeroed_steps for name, w in self.optim_wrappers.items()}
+
     def get_lr(self) -> dict[str, list[float]]:
         """``{"<name>.lr": [...]}`` for every wrapper."""
         return {

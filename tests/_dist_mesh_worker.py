@@ -174,6 +174,7 @@ def _hsdp_fault_on_one_replica(rank: int, run: str) -> dict[str, Any]:
         "changed": changed,
         "norms": norms,
         "skipped": float(wrapper.skipped_steps),  # type: ignore[arg-type]
+        "zeroed": float(wrapper.zeroed_steps),  # type: ignore[arg-type]
         "params": params_of(model),
     }
 

@@ -6,6 +6,7 @@ share. tests/_dist_harness.py starts the ranks and runs the scenarios, each on i
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -293,8 +294,10 @@ def _fsdp2_fused_overflow(rank: int) -> dict[str, Any]:
 RESUME_ITERS, RESUME_ACC, RESUME_AT = 8, 3, 3
 
 
-def _resume_setup(rank: int) -> tuple[nn.Module, nn.Module, AmpOptimWrapper]:
-    model = make_model()
+def _resume_setup(
+    rank: int, save_partial_grads: bool = False, seed: int = 0
+) -> tuple[nn.Module, nn.Module, AmpOptimWrapper]:
+    model = make_model(seed)
     ddp, _ = ddp_with_counter(model)
     wrapper = AmpOptimWrapper(
         torch.optim.AdamW(model.parameters(), lr=0.01),
@@ -302,6 +305,7 @@ def _resume_setup(rank: int) -> tuple[nn.Module, nn.Module, AmpOptimWrapper]:
         dtype="float16",  # a dynamic loss scaler, whose state must survive the resume too
         accumulative_counts=RESUME_ACC,
         clip_grad=dict(max_norm=1.0),
+        save_partial_grads=save_partial_grads,
     )
     return model, ddp, wrapper
 
@@ -340,6 +344,44 @@ def _ddp_resumed(rank: int, workdir: Path) -> dict[str, Any]:
     train(wrapper, ddp, range(RESUME_AT, RESUME_ITERS), rank)
     scale = float(wrapper.loss_scale)
     return {"params": params_of(model), "scale": scale, "resumed_at": resumed_at}
+
+
+# The same, checkpointed inside a window (micro-batch RESUME_MID_AT of the window 3-5), each
+# rank saving its own file: its partial gradients are its own (DDP does not all-reduce them).
+RESUME_MID_AT = 5
+
+
+def _ddp_checkpoint_mid(rank: int, workdir: Path) -> dict[str, Any]:
+    model, ddp, wrapper = _resume_setup(rank, save_partial_grads=True)
+    wrapper.initialize_count_status(ddp, 0, RESUME_ITERS)
+    train(wrapper, ddp, range(RESUME_MID_AT), rank)
+    state = wrapper.state_dict()
+    torch.save({"model": model.state_dict(), "optim": state}, workdir / f"ckpt_mid.rank{rank}.pt")
+    return {"saved_grads": len(state["hwoptim"]["grads"]), "grads_rank": state["hwoptim"]["grads_rank"]}
+
+
+def _ddp_resumed_mid(rank: int, workdir: Path) -> dict[str, Any]:
+    own = torch.load(workdir / f"ckpt_mid.rank{rank}.pt", weights_only=True)
+    model, ddp, wrapper = _resume_setup(rank, save_partial_grads=True, seed=123)
+    model.load_state_dict(own["model"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapper.load_state_dict(own["optim"])
+        wrapper.initialize_count_status(ddp, RESUME_MID_AT, RESUME_ITERS)  # as mmengine does
+    train(wrapper, ddp, range(RESUME_MID_AT, RESUME_ITERS), rank)
+    # what mmengine's CheckpointHook leaves: rank 0's file only, loaded by every rank
+    rank0 = torch.load(workdir / "ckpt_mid.rank0.pt", weights_only=True)
+    _, _, other = _resume_setup(rank, save_partial_grads=True)
+    with warnings.catch_warnings(record=True) as rank0_caught:
+        warnings.simplefilter("always")
+        other.load_state_dict(rank0["optim"])
+    return {
+        "params": params_of(model),
+        "scale": float(wrapper.loss_scale),
+        "warnings": [str(w.message) for w in caught],
+        "rank0_file_warnings": [str(w.message) for w in rank0_caught],
+        "rank0_file_grads": [p.grad is not None for p in other.optimizer.param_groups[0]["params"]],
+    }
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -419,10 +461,14 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "ddp_uninterrupted": lambda rank, _: _ddp_uninterrupted(rank),
     "ddp_checkpoint": _ddp_checkpoint,
     "ddp_resumed": _ddp_resumed,
+    "ddp_checkpoint_mid": _ddp_checkpoint_mid,
+    "ddp_resumed_mid": _ddp_resumed_mid,
 }
 
-#: every scenario the first launch runs; ddp_resumed needs fresh processes, so a second one
-FIRST_LAUNCH = [name for name in SCENARIOS if name != "ddp_resumed"]
+#: the scenarios that resume in fresh processes: a second launch runs them
+RESUMED = ["ddp_resumed", "ddp_resumed_mid"]
+#: every scenario the first launch runs
+FIRST_LAUNCH = [name for name in SCENARIOS if name not in RESUMED]
 
 if __name__ == "__main__":  # for debugging a scenario by hand: python tests/_dist_worker.py NAME
     import sys

@@ -32,7 +32,10 @@ from _dist_worker import (
     INF_AT,
     INF_ITERS,
     N_ITERS,
+    RESUME_ACC,
     RESUME_AT,
+    RESUME_MID_AT,
+    RESUMED,
     SYNCED,
     WORLD_SIZE,
     batch,
@@ -70,7 +73,7 @@ def resumed(runs: Runs) -> Runs:
     """Fresh processes that load the checkpoint the first launch saved and finish the run."""
     if not (runs.workdir / "ckpt.pt").exists():
         return Runs(runs.workdir, WORLD_SIZE, runs.failure or "the first launch saved no checkpoint")
-    return Runs.start(runs.workdir, "_dist_worker", ["ddp_resumed"], WORLD_SIZE)
+    return Runs.start(runs.workdir, "_dist_worker", RESUMED, WORLD_SIZE)
 
 
 # -- single-process references ---------------------------------------------------------------------
@@ -297,6 +300,34 @@ def test_ddp_resume_from_a_checkpoint_in_fresh_processes_ends_at_the_same_params
         assert got["scale"] == want["scale"]
         for g, w in zip(got["params"], want["params"]):
             assert torch.equal(g, w)
+
+
+@distributed
+def test_ddp_resume_inside_a_window_from_each_ranks_own_checkpoint_is_exact(
+    runs: Runs, resumed: Runs
+) -> None:
+    """save_partial_grads: each rank saves its own partial gradients and resumes from them."""
+    uninterrupted = runs("ddp_uninterrupted")
+    saved = runs("ddp_checkpoint_mid")
+    assert [r["grads_rank"] for r in saved] == list(range(len(saved)))
+    assert all(r["saved_grads"] == 4 for r in saved)  # two Linear layers: weight and bias
+    for got, want in zip(resumed("ddp_resumed_mid"), uninterrupted):
+        assert got["warnings"] == []  # nothing lost, so no "not divisible" warning
+        assert got["scale"] == want["scale"]
+        for g, w in zip(got["params"], want["params"]):
+            assert torch.equal(g, w)
+
+
+@distributed
+def test_ddp_rank0_partial_grads_are_not_loaded_on_another_rank(runs: Runs, resumed: Runs) -> None:
+    """What mmengine's CheckpointHook leaves (rank 0's file): rank 1 must not count rank 0's
+    micro-batches as its own; it warns and resumes as without saved gradients."""
+    results = resumed("ddp_resumed_mid")
+    assert results[0]["rank0_file_warnings"] == [] and all(results[0]["rank0_file_grads"])
+    for result in results[1:]:
+        assert any("saved by data-parallel rank 0" in w for w in result["rank0_file_warnings"])
+        assert not any(result["rank0_file_grads"])
+    assert RESUME_MID_AT % RESUME_ACC != 0  # the checkpoint is inside a window
 
 
 # -- FSDP1: a recording stand-in on CPU, the real thing on a GPU -----------------------------------

@@ -113,7 +113,10 @@ def test_hsdp_a_fault_on_one_replica_after_the_reduce_skips_the_step_on_every_ra
     results = runs(f"hsdp_fault_{run}")
     for result in results:
         assert result["changed"] == [i != INF_AT for i in range(INF_ITERS)]
-        assert result["skipped"] == 1.0
+        # a fused optimizer skips for real; plain SGD steps with zeroed gradients (which
+        # leaves it where it was: no momentum, no weight decay), counted apart
+        counts = (result["skipped"], result["zeroed"])
+        assert counts == ((1.0, 0.0) if run == "fused" else (0.0, 1.0))
     # replica 0 saw a finite norm of its own: it reports nan (some rank was not finite)
     bad = [r["norms"][INF_AT] for r in results]
     assert [n != n for n in bad] == [True, True, False, False]

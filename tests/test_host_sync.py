@@ -96,6 +96,9 @@ CONFIGS: dict[str, Callable[[nn.Module], hwoptim.OptimWrapper]] = {
     "fp32-fused": lambda m: hwoptim.OptimWrapper(
         _adamw(m, fused=True), accumulative_counts=2, clip_grad=dict(max_norm=1.0)
     ),
+    "fp32-exact-skip": lambda m: hwoptim.OptimWrapper(
+        _adamw(m, fused=False), accumulative_counts=2, clip_grad=dict(max_norm=1.0), exact_skip=True
+    ),
     "fp32-value-clip": lambda m: hwoptim.OptimWrapper(
         _adamw(m, fused=False), accumulative_counts=2, clip_grad=dict(type="value", clip_value=0.5)
     ),

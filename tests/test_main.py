@@ -43,7 +43,8 @@ def test_environment_report_names_the_auto_choice(monkeypatch):
 def test_demo_trains_and_summarises(capsys):
     assert main(["demo", "--device", "cpu", "--steps", "24", "--accum", "3", "--quiet"]) == 0
     out = capsys.readouterr().out
-    for key in ("device", "dtype", "steps", "updates", "skipped_steps", "loss_first", "loss_last", "ms_per_step"):
+    for key in ("device", "dtype", "steps", "updates", "skipped_steps", "zeroed_steps", "loss_first",
+                "loss_last", "ms_per_step"):
         assert key in out
 
 

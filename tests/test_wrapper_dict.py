@@ -84,6 +84,7 @@ def test_per_name_views():
     assert wrappers.get_lr() == {"generator.lr": [0.1], "discriminator.lr": [0.2]}
     assert wrappers.get_momentum() == {"generator.momentum": [0.8], "discriminator.momentum": [0.9]}
     assert wrappers.last_grad_norm == {"generator": None, "discriminator": None}
+    assert wrappers.skipped_steps == wrappers.zeroed_steps == {"generator": None, "discriminator": None}
 
 
 def test_state_dict_per_name_and_round_trip():
