@@ -48,7 +48,8 @@ def test_reads_per_update_params(device, dtype, opt_kw, clip, allowed):
         per_call.append(reads.total)
     assert per_call[0::2] == [0, 0, 0], "a micro-batch that does not step must read nothing"
     assert per_call[1::2] == [allowed] * 3, per_call
-    assert float(wrapper.skipped_steps) == 1  # the counting left the result alone
+    # the counting left the result alone: a real skip (scaler, fused) or a zeroed step
+    assert float(wrapper.skipped_steps) + float(wrapper.zeroed_steps) == 1
 
 
 def test_logging_every_n_steps_costs_one_read(device):
