@@ -12,6 +12,7 @@ back to the host.
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -66,6 +67,25 @@ def _found_inf(norm: Tensor) -> Tensor:
     """1.0 where ``norm`` is inf or nan, else 0.0, as a float32 tensor on norm's device."""
     found = (norm * 0.0).nan_to_num_(nan=1.0)  # inf*0 and nan*0 are nan; finite*0 is 0
     return found if found.dtype == torch.float32 else found.float()
+
+
+def join_mmengine(wrapper: OptimWrapper) -> None:
+    """Let ``wrapper`` work under mmengine's Runner (isinstance, logging): hwoptim.mmengine.
+
+    Called by the constructors only when mmengine is already imported, so that a config
+    giving the class itself (``type=hwoptim.AmpOptimWrapper``) needs no custom_imports.
+    """
+    try:
+        from hwoptim.mmengine import join
+    except ImportError as exc:  # mmengine is imported, but not the parts a Runner needs
+        warnings.warn(
+            f"mmengine is imported, but hwoptim cannot join its Runner ({exc}); "
+            'install what it needs with pip install "hwoptim[mmengine]"',
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    join(wrapper)
 
 
 def _has_batch_norm(model: Any) -> bool:
@@ -181,6 +201,8 @@ class OptimWrapper:
         self._params: list[Tensor] = []
         self._n_groups = -1
         self._rebuild_clip_fn()
+        if "mmengine" in sys.modules:  # a dict lookup: plain loops never import the bridge
+            join_mmengine(self)
 
     # -- the training step ---------------------------------------------------------------
 
