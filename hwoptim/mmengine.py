@@ -93,7 +93,8 @@ class OptimWrapperConstructor:
     What it adds to mmengine's DefaultOptimWrapperConstructor:
 
     - one wrapper config per submodule name builds an OptimWrapperDict (GANs), where
-      mmengine needs a constructor of your own::
+      mmengine needs a constructor of your own (``type="hwoptim.OptimWrapperDict"`` may say
+      so explicitly)::
 
           optim_wrapper = dict(constructor="hwoptim.OptimWrapperConstructor",
                                generator=dict(type="AmpOptimWrapper", optimizer=...),
@@ -124,13 +125,22 @@ class OptimWrapperConstructor:
 
 def _hwoptim_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``cfg`` in hwoptim.build_optim_wrapper's terms: scoped wrapper names unscoped, and
-    optimizer names that only mmengine's OPTIMIZERS registry knows resolved to classes."""
-    if "optimizer" not in cfg and "type" not in cfg:  # one config per submodule
-        return {name: _hwoptim_cfg(sub) if isinstance(sub, Mapping) else sub for name, sub in cfg.items()}
+    optimizer names that only mmengine's OPTIMIZERS registry knows resolved to classes.
+    ``type="hwoptim.OptimWrapperDict"`` (or the class) says the other keys are the names."""
     out = dict(cfg)
     wrapper_type = out.get("type")
     if isinstance(wrapper_type, str) and wrapper_type.startswith(SCOPE + "."):
-        out["type"] = wrapper_type[len(SCOPE) + 1 :]
+        wrapper_type = out["type"] = wrapper_type[len(SCOPE) + 1 :]
+    if wrapper_type in ("OptimWrapperDict", OptimWrapperDict):
+        del out["type"]
+        if "optimizer" in out:
+            raise ValueError(
+                "an OptimWrapperDict config holds one wrapper config per submodule name, "
+                "not an 'optimizer'; e.g. dict(type='hwoptim.OptimWrapperDict', "
+                "generator=dict(optimizer=...), discriminator=dict(optimizer=...))"
+            )
+    if "optimizer" not in out and "type" not in out:  # one config per submodule
+        return {name: _hwoptim_cfg(sub) if isinstance(sub, Mapping) else sub for name, sub in out.items()}
     optimizer = out.get("optimizer")
     if isinstance(optimizer, Mapping) and isinstance(optimizer.get("type"), str):
         out["optimizer"] = dict(optimizer, type=_optimizer_type(optimizer["type"]))
