@@ -69,7 +69,11 @@ SCOPE = "hwoptim"
 # makes hwoptim's classes virtual subclasses of BaseOptimWrapper (ABCMeta looks through the
 # registrations of subclasses). OptimWrapperDict is registered on its own: in mmengine it is
 # an OptimWrapper subclass, and the Runner tells the two apart with isinstance.
-assert isinstance(_MMOptimWrapper, ABCMeta)
+if not isinstance(_MMOptimWrapper, ABCMeta):  # pragma: no cover - mmengine 0.10 has it
+    raise ImportError(
+        "mmengine.optim.OptimWrapper is not an ABC in this mmengine version, so hwoptim's "
+        "wrappers cannot pass its isinstance checks; use mmengine-lite 0.10"
+    )
 _MMOptimWrapper.register(OptimWrapper)
 _MMOptimWrapperDict.register(OptimWrapperDict)
 
@@ -187,9 +191,9 @@ class DeviceHistoryBuffer(HistoryBuffer):  # type: ignore[misc]
         return cls(logs.tolist(), counts.tolist(), buffer.max_length)
 
     def push(self, value: Tensor) -> None:
-        """Queue one value (a scalar tensor on any device; not read now)."""
+        """Queue one value (a one-element tensor on any device; not read now)."""
         queued = self._queued
-        queued.append(value.detach())
+        queued.append(value)
         if len(queued) >= _FOLD_EVERY:  # bound the number of tensors kept alive
             self._fold()
 
@@ -199,10 +203,13 @@ class DeviceHistoryBuffer(HistoryBuffer):  # type: ignore[misc]
         return len(self._queued) + sum(t.numel() for t in self._folded)
 
     def _fold(self) -> None:
-        queued = self._queued
-        device = queued[-1].device
-        self._folded.append(torch.stack([t.reshape(()).to(device, torch.float32) for t in queued]))
-        self._queued = []
+        queued, self._queued = self._queued, []
+        try:  # one wrapper's values: same shape, device and dtype
+            folded = torch.stack(queued)
+        except RuntimeError:
+            device = queued[-1].device
+            folded = torch.stack([t.detach().reshape(()).to(device, torch.float32) for t in queued])
+        self._folded.append(folded.detach().reshape(-1).float())
         total = sum(t.numel() for t in self._folded)
         while len(self._folded) > 1 and total - self._folded[0].numel() >= self.max_length:
             total -= self._folded.pop(0).numel()  # older than the buffer keeps anyway
@@ -293,7 +300,7 @@ class _LogAfterStep:
             _buffer(hub, self.grad_norm_key).push(norm)
         if scale is not None:
             # the scaler updates this tensor in place after the step: keep this step's value
-            _buffer(hub, self.loss_scale_key).push(scale.detach().clone())
+            _buffer(hub, self.loss_scale_key).push(scale.clone())
 
 
 _hooks: weakref.WeakKeyDictionary[OptimWrapper, _LogAfterStep] = weakref.WeakKeyDictionary()
