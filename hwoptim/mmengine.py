@@ -80,17 +80,21 @@ _MMOptimWrapperDict.register(OptimWrapperDict)
 
 # -- the registries of the scope "hwoptim" ----------------------------------------------------
 
+def _scope_registry(parent: Any, name: str) -> Any:
+    """``parent``'s child registry of the scope "hwoptim" (the existing one on a re-import)."""
+    existing = parent.children.get(SCOPE)
+    return existing if existing is not None else Registry(name, parent=parent, scope=SCOPE)
+
+
 #: mmengine's OPTIM_WRAPPERS for the scope "hwoptim": ``type="hwoptim.AmpOptimWrapper"``
-OPTIM_WRAPPERS = Registry("optim_wrapper", parent=_MM_OPTIM_WRAPPERS, scope=SCOPE)
+OPTIM_WRAPPERS = _scope_registry(_MM_OPTIM_WRAPPERS, "optim_wrapper")
 #: mmengine's OPTIM_WRAPPER_CONSTRUCTORS for the scope "hwoptim"
-OPTIM_WRAPPER_CONSTRUCTORS = Registry(
-    "optimizer wrapper constructor", parent=_MM_CONSTRUCTORS, scope=SCOPE
-)
+OPTIM_WRAPPER_CONSTRUCTORS = _scope_registry(_MM_CONSTRUCTORS, "optimizer wrapper constructor")
 for _cls in (OptimWrapper, AmpOptimWrapper, OptimWrapperDict):
-    OPTIM_WRAPPERS.register_module(module=_cls)
+    OPTIM_WRAPPERS.register_module(module=_cls, force=True)
 
 
-@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module(force=True)
 class OptimWrapperConstructor:
     """``constructor="hwoptim.OptimWrapperConstructor"``: build with hwoptim.build_optim_wrapper.
 
@@ -303,7 +307,10 @@ class _LogAfterStep:
             _buffer(hub, self.loss_scale_key).push(scale.clone())
 
 
-_hooks: weakref.WeakKeyDictionary[OptimWrapper, _LogAfterStep] = weakref.WeakKeyDictionary()
+#: the joined wrappers' hooks (kept across a re-import, so that no wrapper gets two)
+_hooks: weakref.WeakKeyDictionary[OptimWrapper, _LogAfterStep] = globals().get(
+    "_hooks", weakref.WeakKeyDictionary()
+)
 
 
 def join(wrapper: OptimWrapper) -> None:

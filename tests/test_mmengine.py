@@ -94,6 +94,16 @@ def test_a_wrapper_built_before_mmengine_is_imported_still_joins_it():
     assert result.stdout.strip() == "ok"
 
 
+def test_a_wrapper_that_cannot_join_mmengine_warns_and_still_trains(monkeypatch):
+    monkeypatch.setitem(sys.modules, "hwoptim.mmengine", None)  # as if its import failed
+    model = torch.nn.Linear(2, 1)
+    with pytest.warns(UserWarning, match=r"cannot join its Runner.*hwoptim\[mmengine\]"):
+        wrapper = hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = model.weight.detach().clone()
+    wrapper.update_params(model(torch.ones(1, 2)).sum())
+    assert not torch.equal(before, model.weight)
+
+
 def test_the_wrappers_pass_mmengines_isinstance_checks():
     model = torch.nn.Linear(2, 2)
     plain = hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
@@ -108,6 +118,15 @@ def test_the_wrappers_pass_mmengines_isinstance_checks():
     assert not isinstance(amp, mm_optim.OptimWrapperDict)
     # nothing of mmengine became hwoptim's
     assert not isinstance(mm_optim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)), hwoptim.OptimWrapper)
+
+
+def test_the_bridge_can_be_imported_again():
+    import importlib
+
+    from mmengine.registry import OPTIM_WRAPPERS
+
+    importlib.reload(bridge)  # e.g. a second custom_imports of a reloaded package
+    assert OPTIM_WRAPPERS.get("hwoptim.AmpOptimWrapper") is hwoptim.AmpOptimWrapper
 
 
 def test_the_scoped_names_are_registered():
