@@ -9,6 +9,8 @@ interval only. On a CPU it runs AMP (mmengine's own AmpOptimWrapper refuses the 
     python examples/mmengine_runner.py                      # float16 with a loss scaler
     python examples/mmengine_runner.py --dtype bfloat16 --device cpu
     python examples/mmengine_runner.py --scoped-name        # type="hwoptim.AmpOptimWrapper"
+    python examples/mmengine_runner.py --work-dir run --steps 30 --checkpoint-every 10
+    python examples/mmengine_runner.py --work-dir run --steps 60 --resume   # from iteration 30
 
 Needs mmengine: ``pip install "hwoptim[mmengine]"``.
 """
@@ -77,6 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scoped-name", action="store_true",
                         help='name the wrapper "hwoptim.AmpOptimWrapper" instead of giving the class')
     parser.add_argument("--work-dir", default=None, help="where the Runner writes (default: a temp dir)")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="CheckpointHook interval in iterations (default: at the end)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint in --work-dir")
     args = parser.parse_args(argv)
 
     if args.scoped_name:
@@ -91,9 +97,13 @@ def main(argv: list[str] | None = None) -> None:
         clip_grad=dict(max_norm=1.0),
         accumulative_counts=args.accum,
     )
-    # mmengine 0.10.7 resumes with torch.load's weights_only default of torch >= 2.6, which
-    # refuses its own MessageHub state; this is torch's documented switch for that.
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    if args.resume and args.work_dir is None:
+        parser.error("--resume needs the --work-dir of the run to continue")
+    if args.resume:
+        # mmengine 0.10.7 resumes with torch.load's weights_only default of torch >= 2.6,
+        # which refuses its own MessageHub state; this is torch's documented switch for that.
+        # It unpickles whatever the checkpoint holds: resume only checkpoints you wrote.
+        os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     # mmengine's schedulers warn when an iteration ends without an optimizer step, as every
     # accumulating one does (with mmengine's own wrapper too); the schedule is still right.
     warnings.filterwarnings("ignore", message="Detected call of `scheduler.step()`")
@@ -107,12 +117,13 @@ def main(argv: list[str] | None = None) -> None:
         ),
         train_cfg=dict(by_epoch=False, max_iters=args.steps),
         optim_wrapper=optim_wrapper,
-        param_scheduler=dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0,
-                             end=max(args.steps // 4, 1)),
+        param_scheduler=dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=20),
         default_hooks=dict(
             logger=dict(type="LoggerHook", interval=args.log_every),
-            checkpoint=dict(type="CheckpointHook", interval=args.steps, by_epoch=False),
+            checkpoint=dict(type="CheckpointHook", interval=args.checkpoint_every or args.steps,
+                            by_epoch=False),
         ),
+        resume=args.resume,
         log_processor=dict(by_epoch=False),
         randomness=dict(seed=0),
     )
