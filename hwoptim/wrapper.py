@@ -133,6 +133,9 @@ class OptimWrapper:
 
     #: the loss scaler; only AmpOptimWrapper ever sets one
     loss_scaler: Any = None
+    #: mmengine's fake "base" parameter group, which hwoptim does not make; mmengine's
+    #: ReduceOnPlateauLR reads this attribute of any wrapper
+    base_param_settings: None = None
 
     def __init__(
         self,

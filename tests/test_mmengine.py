@@ -129,6 +129,21 @@ def test_the_bridge_can_be_imported_again():
     assert OPTIM_WRAPPERS.get("hwoptim.AmpOptimWrapper") is hwoptim.AmpOptimWrapper
 
 
+def test_mmengines_schedulers_take_the_wrapper():
+    model = torch.nn.Linear(2, 2)
+    wrapper = hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    plateau = mm_optim.ReduceOnPlateauLR(wrapper, monitor="loss", min_value=[0.01], patience=0, factor=0.5)
+    linear = mm_optim.LinearLR(wrapper, start_factor=0.5, by_epoch=False, begin=0, end=3)
+    assert wrapper.get_lr() == {"lr": [0.05]}
+    model(torch.ones(1, 2)).sum().backward()
+    wrapper.step()
+    linear.step()
+    assert wrapper.get_lr()["lr"] == pytest.approx([0.075])
+    plateau.step(metrics={"loss": 1.0})
+    plateau.step(metrics={"loss": 2.0})  # no better: the lr halves
+    assert wrapper.get_lr()["lr"] == pytest.approx([0.0375])
+
+
 def test_the_scoped_names_are_registered():
     from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS
 
