@@ -177,12 +177,21 @@ SCHEDULES = {
 }
 
 
+@pytest.fixture(scope="module")
+def mmengine_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Runner]:
+    """mmengine's own OptimWrapper on each schedule, run once for the tests that compare."""
+    return {
+        name: train(tmp_path_factory.mktemp(f"mm-{name}"), optim_wrapper=fp32_config("OptimWrapper"), **run)
+        for name, run in SCHEDULES.items()
+    }
+
+
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("form", ["class", "scoped name"])
-def test_fp32_training_matches_mmengines_optim_wrapper(tmp_path, schedule, form):
+def test_fp32_training_matches_mmengines_optim_wrapper(tmp_path, mmengine_runs, schedule, form):
     wrapper_type = hwoptim.OptimWrapper if form == "class" else "hwoptim.OptimWrapper"
-    theirs = train(tmp_path / "mm", optim_wrapper=fp32_config("OptimWrapper"), **SCHEDULES[schedule])
-    ours = train(tmp_path / "hw", optim_wrapper=fp32_config(wrapper_type), **SCHEDULES[schedule])
+    theirs = mmengine_runs[schedule]
+    ours = train(tmp_path, optim_wrapper=fp32_config(wrapper_type), **SCHEDULES[schedule])
 
     assert type(ours.optim_wrapper) is hwoptim.OptimWrapper
     assert type(theirs.optim_wrapper) is mm_optim.OptimWrapper
