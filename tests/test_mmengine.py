@@ -359,6 +359,23 @@ def test_a_resumed_plain_buffer_is_continued():
     assert "train/grad_norm" in hub.state_dict()["log_scalars"]  # saved with checkpoints
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_update_the_scaler_skips_is_logged_only_when_the_optimizer_ran(fused):
+    hub = MessageHub.get_instance(f"skips-{uuid.uuid4().hex}")  # now the current hub
+    model = torch.nn.Linear(2, 1)
+    wrapper = hwoptim.AmpOptimWrapper(
+        torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused), device="cpu", dtype="float16",
+        loss_scale=dict(init_scale=2.0**40), clip_grad=dict(max_norm=1.0),  # overflows in fp16
+    )
+    with wrapper.optim_context(model):
+        loss = model(torch.ones(1, 2)).float().sum()
+    wrapper.update_params(loss)
+    assert float(wrapper.skipped_steps) == 1
+    norms = hub.get_scalar("train/grad_norm").data[0].tolist() if "train/grad_norm" in hub.log_scalars else []
+    # fused: the optimizer ran and skipped on the device, and its inf norm is logged
+    assert norms == ([float("inf")] if fused else [])
+
+
 # -- checkpoints ----------------------------------------------------------------------------
 
 
