@@ -1,18 +1,16 @@
-"""The model, data and Runner settings of tests/test_mmengine.py, and what each rank of its
-distributed tests runs (mmengine's Runner and FlexibleRunner with 2 gloo ranks).
+"""The model, data and Runner settings of tests/test_mmengine.py, and the scenarios each
+rank of its distributed tests runs (mmengine's Runner and FlexibleRunner, 2 gloo ranks).
 
-The ranks are started as tests/_dist_worker.py starts its own: processes that meet
-through a file store in the test's folder, no TCP port. The process group exists
-before the Runner is built, so the Runner (``launcher="pytorch"``) and DDPStrategy use it
-instead of calling init_dist; everything else is the Runner's own distributed path
-(MMDistributedDataParallel, DefaultSampler splitting the data by rank).
+tests/_dist_harness.py starts the ranks and makes each scenario's process group (a file
+store in the test's folder, no TCP port). The group exists before the Runner is built, so
+the Runner (``launcher="pytorch"``) and DDPStrategy use it instead of calling init_dist;
+everything else is the Runner's own distributed path (MMDistributedDataParallel,
+DefaultSampler splitting the data by rank).
 """
 
 from __future__ import annotations
 
-import datetime
 import os
-import traceback
 import uuid
 from pathlib import Path
 from typing import Any
@@ -175,9 +173,17 @@ def _record_collectives(calls: list[int]) -> tuple[Any, list[int]]:
     return CountPerIteration(), per_iter
 
 
+def _as_launched(rank: int) -> None:
+    """What torchrun gives each process, and the custom_imports of the configs."""
+    import hwoptim.mmengine  # noqa: F401  # what custom_imports=dict(imports=["hwoptim.mmengine"]) does
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(dist.get_world_size()))
+
+
 def _dist_runner(rank: int, workdir: Path) -> dict[str, Any]:
     from mmengine.runner import Runner
 
+    _as_launched(rank)
     runner = Runner(**runner_kwargs(
         workdir / "runner",
         train_dataloader=dataloader(batch_size=BATCH // WORLD_SIZE),
@@ -203,6 +209,7 @@ def _dist_runner(rank: int, workdir: Path) -> dict[str, Any]:
 def _dist_flexible(rank: int, workdir: Path) -> dict[str, Any]:
     from mmengine.runner import FlexibleRunner
 
+    _as_launched(rank)
     runner = FlexibleRunner(
         model=Net(),
         work_dir=str(workdir / "flexible"),
@@ -245,54 +252,3 @@ def _dist_flexible(rank: int, workdir: Path) -> dict[str, Any]:
 
 
 SCENARIOS = {"runner": _dist_runner, "flexible": _dist_flexible}
-
-
-def run_rank(rank: int, world_size: int, workdir: str, scenarios: list[str], store: str) -> None:
-    import hwoptim.mmengine  # noqa: F401  # what custom_imports=dict(imports=["hwoptim.mmengine"]) does
-
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        for name in scenarios:
-            try:
-                result = SCENARIOS[name](rank, Path(workdir))
-            except BaseException:
-                Path(workdir, f"{name}.rank{rank}.err").write_text(traceback.format_exc())
-                raise
-            torch.save(result, Path(workdir, f"{name}.rank{rank}.pt"))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def launch(workdir: Path, scenarios: list[str], timeout: float = 240.0) -> None:
-    """Run ``scenarios`` on WORLD_SIZE spawned processes; raise if a rank fails or hangs."""
-    import multiprocessing
-    import time
-
-    import torch.multiprocessing as mp
-
-    # As tests/_dist_worker.py: ranks fork from a server that imported torch once (this
-    # preload counts only if no test started the server before).
-    multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["torch", "torch.nn.parallel", "mmengine.runner", "hwoptim", "_mmengine_worker"]
-    )
-    context = mp.start_processes(
-        run_rank,
-        args=(WORLD_SIZE, str(workdir), scenarios, f"{workdir}/store-{uuid.uuid4().hex}"),
-        nprocs=WORLD_SIZE,
-        join=False,
-        start_method="forkserver",
-    )
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            raise TimeoutError(f"distributed scenarios {scenarios} ran past {timeout}s")

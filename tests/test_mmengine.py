@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("mmengine.runner", reason="the mmengine tests need pip install 'hwoptim[mmengine]'")
 
 import mmengine.optim as mm_optim
+from _dist_harness import Runs
 from _mmengine_worker import (
     DIST_ITERS,
     DIST_SYNCED,
@@ -30,7 +31,6 @@ from _mmengine_worker import (
     Net,
     dataloader,
     dist_optim_wrapper,
-    launch,
     params_of,
     runner_kwargs,
 )
@@ -568,18 +568,9 @@ def test_a_config_file_with_custom_imports(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dist_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    workdir = tmp_path_factory.mktemp("mmengine-dist")
-    scenarios = ["runner", "flexible"]
-    try:
-        launch(workdir, scenarios)
-    except Exception as exc:
-        errors = "\n".join(p.read_text() for p in sorted(workdir.glob("*.err")))
-        pytest.fail(f"the ranks failed: {exc}\n{errors}")
-    return {
-        name: [torch.load(workdir / f"{name}.rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
-        for name in scenarios
-    }
+def dist_runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs.start(tmp_path_factory.mktemp("mmengine-dist"), "_mmengine_worker",
+                      ["runner", "flexible"], WORLD_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -592,7 +583,7 @@ def single_process(tmp_path_factory: pytest.TempPathFactory) -> Runner:
 @pytest.mark.dist
 @pytest.mark.parametrize("scenario", ["runner", "flexible"])
 def test_ddp_all_reduces_only_on_the_micro_batches_that_update(dist_runs, scenario):
-    for rank in dist_runs[scenario]:
+    for rank in dist_runs(scenario):
         assert rank["model_type"] == "MMDistributedDataParallel"
         updates = [n > 0 for n in rank["collectives"]]
         assert updates == DIST_SYNCED, rank["collectives"]
@@ -602,13 +593,13 @@ def test_ddp_all_reduces_only_on_the_micro_batches_that_update(dist_runs, scenar
 @pytest.mark.parametrize("scenario", ["runner", "flexible"])
 def test_ddp_under_the_runner_matches_one_process(dist_runs, single_process, scenario):
     if scenario == "flexible":
-        assert dist_runs[scenario][0]["optim_wrapper_type"] == "hwoptim.wrapper.OptimWrapper"
+        assert dist_runs(scenario)[0]["optim_wrapper_type"] == "hwoptim.wrapper.OptimWrapper"
     want = params_of(single_process.model)
-    for rank in dist_runs[scenario]:
+    for rank in dist_runs(scenario):
         for got, expected in zip(rank["params"], want):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     if scenario == "runner":
-        assert dist_runs[scenario][0]["grad_norm"] == pytest.approx(grad_norms(single_process), rel=1e-5)
+        assert dist_runs(scenario)[0]["grad_norm"] == pytest.approx(grad_norms(single_process), rel=1e-5)
 
 
 # -- FSDPStrategy: what runs on a CPU --------------------------------------------------------
