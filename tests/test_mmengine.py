@@ -557,11 +557,38 @@ def test_a_config_file_with_custom_imports(tmp_path):
         '    optimizer=dict(type="SGD", lr=0.1), clip_grad=dict(max_norm=1.0))\n'
         'default_hooks = dict(logger=None, checkpoint=None)\n'
         'log_level = "ERROR"\n'
+        f'experiment_name = "cfg-{uuid.uuid4().hex[:8]}"\n'
     )
     runner = Runner.from_cfg(Config.fromfile(str(config)))
     runner.train()
     assert type(runner.optim_wrapper) is hwoptim.AmpOptimWrapper
     assert set(runner.model.forward_dtypes) == {torch.bfloat16}
+
+
+def test_a_python_config_file_with_the_class_itself(tmp_path):
+    """mmengine's pure-Python configs import what they name (lazily): no custom_imports."""
+    from mmengine.config import Config
+
+    config = tmp_path / "config.py"
+    config.write_text(
+        "import hwoptim\n"
+        "from _mmengine_worker import Data, Net\n"
+        "model = dict(type=Net)\n"
+        f"work_dir = {str(tmp_path / 'work')!r}\n"
+        "train_dataloader = dict(dataset=dict(type=Data), batch_size=4,\n"
+        "    sampler=dict(type='DefaultSampler', shuffle=False), collate_fn=dict(type='default_collate'))\n"
+        f"train_cfg = dict(by_epoch=False, max_iters={ITERS})\n"
+        "optim_wrapper = dict(type=hwoptim.AmpOptimWrapper, dtype='float16', device='cpu',\n"
+        "    optimizer=dict(type='SGD', lr=0.1), clip_grad=dict(max_norm=1.0))\n"
+        "default_hooks = dict(logger=None, checkpoint=None)\n"
+        "log_level = 'ERROR'\n"
+        f"experiment_name = 'cfg-{uuid.uuid4().hex[:8]}'\n"
+    )
+    runner = Runner.from_cfg(Config.fromfile(str(config)))
+    runner.train()
+    assert type(runner.optim_wrapper) is hwoptim.AmpOptimWrapper
+    assert set(runner.model.forward_dtypes) == {torch.float16}
+    assert "train/loss_scale" in runner.message_hub.log_scalars
 
 
 # -- distributed: 2 gloo ranks -----------------------------------------------------------
