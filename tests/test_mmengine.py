@@ -14,12 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mmengine.optim as mm_optim
 import pytest
 import torch
-
-pytest.importorskip("mmengine.runner", reason="the mmengine tests need pip install 'hwoptim[mmengine]'")
-
-import mmengine.optim as mm_optim
 from _dist_harness import Runs
 from _mmengine_worker import (
     DIST_ITERS,
@@ -42,8 +39,6 @@ from test_host_sync import HostSyncDetector
 
 import hwoptim
 import hwoptim.mmengine as bridge
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def train(work_dir: Path, **overrides: Any) -> Runner:
