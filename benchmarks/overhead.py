@@ -274,8 +274,18 @@ def build_hwoptim(case: Case, model: nn.Module, batches: list[Batch]) -> Run:
             optimizer, device="cpu", dtype=case.dtype, accumulative_counts=case.acc,
             clip_grad=clip_grad,
         )
+    _plain_loop(wrapper)
     wrapper.initialize_count_status(model, 0, MAX_COUNTS)
     return _wrapper_loop(wrapper, model, batches)
+
+
+def _plain_loop(wrapper: Any) -> Any:
+    """hwoptim as a loop of one's own runs it. mmengine is imported in this process for its
+    own runs, so hwoptim's wrappers would also log to its MessageHub (hwoptim.mmengine)."""
+    bridge = sys.modules.get("hwoptim.mmengine")
+    if bridge is not None:
+        bridge.leave(wrapper)
+    return wrapper
 
 
 def _wrapper_loop(wrapper: Any, model: nn.Module, batches: list[Batch]) -> Run:

@@ -59,6 +59,7 @@ __all__ = [
     "DeviceHistoryBuffer",
     "OptimWrapperConstructor",
     "join",
+    "leave",
 ]
 
 SCOPE = "hwoptim"
@@ -285,6 +286,7 @@ class _LogAfterStep:
         self._wrapper = weakref.ref(wrapper)
         self.grad_norm_key = "train/grad_norm"
         self.loss_scale_key = "train/loss_scale"
+        self.handle: Any = None  # the optimizer's handle, to remove this hook
 
     def name(self, name: str) -> None:
         """Log under ``train/<name>.grad_norm`` (a member of an OptimWrapperDict)."""
@@ -327,5 +329,21 @@ def join(wrapper: OptimWrapper) -> None:
     if wrapper in _hooks:
         return
     hook = _LogAfterStep(wrapper)
-    wrapper.optimizer.register_step_post_hook(hook)
+    hook.handle = wrapper.optimizer.register_step_post_hook(hook)
     _hooks[wrapper] = hook
+
+
+def leave(wrapper: OptimWrapper) -> None:
+    """Stop ``wrapper`` logging to mmengine's MessageHub (it still passes isinstance).
+
+    For a loop of your own in a process that imports mmengine for something else, where
+    nothing reads the hub: each update then costs nothing for logging. Does nothing for a
+    wrapper that is not joined.
+    """
+    if isinstance(wrapper, OptimWrapperDict):
+        for member in wrapper.values():
+            leave(member)
+        return
+    hook = _hooks.pop(wrapper, None)
+    if hook is not None:
+        hook.handle.remove()

@@ -371,6 +371,22 @@ def test_an_update_the_scaler_skips_is_logged_only_when_the_optimizer_ran(fused)
     assert norms == ([float("inf")] if fused else [])
 
 
+def test_a_wrapper_can_leave_the_message_hub():
+    hub = MessageHub.get_instance(f"leave-{uuid.uuid4().hex}")
+    model = torch.nn.Linear(2, 1)
+    wrapper = hwoptim.OptimWrapperDict(a=hwoptim.OptimWrapper(
+        torch.optim.SGD(model.parameters(), lr=0.1), clip_grad=dict(max_norm=1.0)))
+    for _ in range(2):
+        model(torch.ones(1, 2)).sum().backward()
+        wrapper["a"].step()
+        if "train/a.grad_norm" in hub.log_scalars:
+            bridge.leave(wrapper)
+    assert len(hub.get_scalar("train/a.grad_norm").data[0]) == 1  # the second update: not logged
+    assert not wrapper["a"].optimizer._optimizer_step_post_hooks
+    assert isinstance(wrapper, mm_optim.OptimWrapperDict)
+    bridge.leave(wrapper)  # again: nothing to do
+
+
 # -- checkpoints ----------------------------------------------------------------------------
 
 
