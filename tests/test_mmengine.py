@@ -230,19 +230,23 @@ def test_amp_trains_on_the_cpu_and_logs_its_values(tmp_path, dtype):
         assert wrapper.loss_scaler is None and "train/loss_scale" not in scalars
 
 
-@pytest.mark.parametrize("backend", ["cuda", "npu", "xpu", "mps"])
+@pytest.mark.parametrize("backend", ["cuda", "npu", "xpu", "mps", "hpu", "mlu"])
 def test_amp_under_the_runner_on_a_mocked_backend(tmp_path, backend):
     from hwoptim.testing import mock_backend
 
+    # a fixed loss scale works on any dtype, bf16-only Gaudi included
+    dtype = "bfloat16" if backend == "hpu" else "float16"
     with mock_backend(backend) as mock:
         runner = train(tmp_path, optim_wrapper=dict(
-            type=hwoptim.AmpOptimWrapper, dtype="float16", optimizer=dict(type="SGD", lr=0.1),
-            clip_grad=dict(max_norm=1.0), loss_scale=dict(init_scale=256.0),
+            type=hwoptim.AmpOptimWrapper, dtype=dtype, optimizer=dict(type="SGD", lr=0.1),
+            clip_grad=dict(max_norm=1.0), loss_scale=256.0,
         ))
         assert runner.optim_wrapper.backend.name == backend  # device="auto" picked it
         calls = mock.call_names()
     assert runner.optim_wrapper.inner_count == ITERS
-    assert "train/loss_scale" in runner.message_hub.log_scalars
+    assert runner.optim_wrapper.cast_dtype == getattr(torch, dtype)
+    assert runner.message_hub.get_scalar("train/loss_scale").current() == 256.0
+    assert len(runner.message_hub.get_scalar("train/grad_norm").data[0]) == ITERS
     if backend == "npu":  # the vendor's own scaler did the scaling
         assert "torch_npu.npu.amp.GradScaler.step" in calls
 
