@@ -78,10 +78,12 @@ def test_a_wrapper_built_before_mmengine_is_imported_still_joins_it():
         "import sys, torch, hwoptim\n"
         "w = hwoptim.OptimWrapper(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1))\n"
         "assert 'hwoptim.mmengine' not in sys.modules\n"
+        "assert not w.optimizer._optimizer_step_post_hooks  # nothing added to a plain loop\n"
         "import mmengine.optim\n"
         "w = hwoptim.AmpOptimWrapper(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1), device='cpu')\n"
         "assert 'hwoptim.mmengine' in sys.modules\n"
         "assert isinstance(w, mmengine.optim.OptimWrapper) and isinstance(w, mmengine.optim.BaseOptimWrapper)\n"
+        "assert len(w.optimizer._optimizer_step_post_hooks) == 1  # the MessageHub logging\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
