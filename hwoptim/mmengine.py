@@ -28,6 +28,7 @@ imports mmengine and a plain loop pays nothing):
   :class:`DeviceHistoryBuffer`, which reads all queued values in one transfer when the log
   processor asks, at the logging interval. In an OptimWrapperDict the keys are
   ``train/<name>.grad_norm`` and ``train/<name>.loss_scale``, as ``get_lr()`` names them.
+  :func:`leave` stops this for a wrapper whose process imports mmengine for other reasons.
 """
 
 from __future__ import annotations
