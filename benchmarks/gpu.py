@@ -143,7 +143,7 @@ def build_hwoptim(case: Case, device: torch.device) -> Run:
         make_optimizer(model, case), device=device.type, dtype=case.dtype,
         clip_grad=dict(max_norm=MAX_NORM),
     )
-    return _wrapper_loop(wrapper, model, make_batches(case.model, device))
+    return _wrapper_loop(_plain_loop(wrapper), model, make_batches(case.model, device))
 
 
 def build_mmengine(case: Case, device: torch.device) -> Run:
@@ -160,6 +160,15 @@ def build_mmengine(case: Case, device: torch.device) -> Run:
     except AssertionError as exc:  # refuses anything but gpu, npu, mlu, musa
         raise Unsupported(f"refuses {device.type}: {exc}") from exc
     return _wrapper_loop(wrapper, model, make_batches(case.model, device))
+
+
+def _plain_loop(wrapper: Any) -> Any:
+    """hwoptim as a loop of one's own runs it. mmengine is imported in this process for its
+    own runs, so hwoptim's wrappers would also log to its MessageHub (hwoptim.mmengine)."""
+    bridge = sys.modules.get("hwoptim.mmengine")
+    if bridge is not None:
+        bridge.leave(wrapper)
+    return wrapper
 
 
 def _wrapper_loop(wrapper: Any, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> Run:

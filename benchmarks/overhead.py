@@ -18,6 +18,8 @@ Runners:
                GUARD below). (torch+guard) / torch is the cost of that guarantee;
                hwoptim / (torch+guard) is the pure wrapper overhead.
   hwoptim      OptimWrapper (fp32) or AmpOptimWrapper(device="cpu") (bf16, fp16).
+  hwoptim+hub  the same wrapper as mmengine's Runner runs it, also logging grad_norm and
+               loss_scale to mmengine's MessageHub (hwoptim.mmengine), as mmengine does.
   mmengine     mmengine's OptimWrapper / AmpOptimWrapper, when mmengine is installed.
   accelerate   accelerate's Accelerator(cpu=True), when accelerate is installed.
 
@@ -103,7 +105,7 @@ CASES = [
     Case("wide-fp32-clip", "wide", None, 1, 1.0, False, "sgd"),
     Case("wide-fp32-clip-fused", "wide", None, 1, 1.0, True, "sgd"),
 ]
-RUNNERS = ["torch", "torch-again", "torch+guard", "hwoptim", "mmengine", "accelerate"]
+RUNNERS = ["torch", "torch-again", "torch+guard", "hwoptim", "hwoptim+hub", "mmengine", "accelerate"]
 
 # Sizes: small enough that the Python around each step is visible next to the math.
 SMALL = dict(d_in=64, hidden=128, d_out=16, batch=32)
@@ -268,18 +270,42 @@ def build_torch(case: Case, model: nn.Module, batches: list[Batch], guard: bool 
 
 
 def build_hwoptim(case: Case, model: nn.Module, batches: list[Batch]) -> Run:
-    optimizer = make_optimizer(model, case)
-    clip_grad = None if case.max_norm is None else dict(max_norm=case.max_norm)
-    wrapper: hwoptim.OptimWrapper
-    if case.dtype is None:
-        wrapper = hwoptim.OptimWrapper(optimizer, case.acc, clip_grad)
-    else:
-        wrapper = hwoptim.AmpOptimWrapper(
-            optimizer, device="cpu", dtype=case.dtype, accumulative_counts=case.acc,
-            clip_grad=clip_grad,
-        )
+    wrapper = _plain_loop(_hwoptim_wrapper(case, model))
     wrapper.initialize_count_status(model, 0, MAX_COUNTS)
     return _wrapper_loop(wrapper, model, batches)
+
+
+def build_hwoptim_hub(case: Case, model: nn.Module, batches: list[Batch]) -> Run:
+    """hwoptim as mmengine's Runner runs it: each update also queues grad_norm and
+    loss_scale for the MessageHub (hwoptim.mmengine), which mmengine's wrapper logs too."""
+    try:
+        import hwoptim.mmengine as bridge
+    except ImportError as exc:
+        raise Unsupported("mmengine not installed (pip install 'hwoptim[mmengine]')") from exc
+    wrapper = _hwoptim_wrapper(case, model)
+    bridge.join(wrapper)
+    wrapper.initialize_count_status(model, 0, MAX_COUNTS)
+    return _wrapper_loop(wrapper, model, batches)
+
+
+def _hwoptim_wrapper(case: Case, model: nn.Module) -> hwoptim.OptimWrapper:
+    optimizer = make_optimizer(model, case)
+    clip_grad = None if case.max_norm is None else dict(max_norm=case.max_norm)
+    if case.dtype is None:
+        return hwoptim.OptimWrapper(optimizer, case.acc, clip_grad)
+    return hwoptim.AmpOptimWrapper(
+        optimizer, device="cpu", dtype=case.dtype, accumulative_counts=case.acc,
+        clip_grad=clip_grad,
+    )
+
+
+def _plain_loop(wrapper: Any) -> Any:
+    """hwoptim as a loop of one's own runs it. mmengine is imported in this process for its
+    own runs, so hwoptim's wrappers would also log to its MessageHub (hwoptim.mmengine)."""
+    bridge = sys.modules.get("hwoptim.mmengine")
+    if bridge is not None:
+        bridge.leave(wrapper)
+    return wrapper
 
 
 def _wrapper_loop(wrapper: Any, model: nn.Module, batches: list[Batch]) -> Run:
@@ -366,6 +392,7 @@ BUILDERS: dict[str, Callable[[Case, nn.Module, list[Batch]], Run]] = {
     "torch-again": build_torch,
     "torch+guard": lambda case, model, batches: build_torch(case, model, batches, guard=True),
     "hwoptim": build_hwoptim,
+    "hwoptim+hub": build_hwoptim_hub,
     "mmengine": build_mmengine,
     "accelerate": build_accelerate,
 }

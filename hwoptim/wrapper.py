@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import sys
 import warnings
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -139,6 +140,23 @@ def _rank() -> int:
     """This process's rank in the default process group; 0 outside torch.distributed."""
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def join_mmengine(wrapper: OptimWrapper) -> None:
+    """Let ``wrapper`` work under mmengine's Runner (isinstance, logging): hwoptim.mmengine.
+
+    Called by the constructors only when mmengine is already imported, so that a config
+    giving the class itself (``type=hwoptim.AmpOptimWrapper``) needs no custom_imports.
+    """
+    try:
+        from hwoptim.mmengine import join
+    except ImportError as exc:  # mmengine is imported, but not the parts a Runner needs
+        warnings.warn(
+            f"mmengine is imported, but hwoptim cannot join its Runner ({exc}); "
+            'install what it needs with pip install "hwoptim[mmengine]"',
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    join(wrapper)
 
 
 def _has_batch_norm(model: Any) -> bool:
@@ -197,6 +215,9 @@ class OptimWrapper:
 
     #: the loss scaler; only AmpOptimWrapper ever sets one
     loss_scaler: Any = None
+    #: mmengine's fake "base" parameter group, which hwoptim does not make; mmengine's
+    #: ReduceOnPlateauLR reads this attribute of any wrapper
+    base_param_settings: None = None
 
     def __init__(
         self,
@@ -280,6 +301,8 @@ class OptimWrapper:
         self._n_groups = -1
         self._n_params = -1
         self._rebuild_clip_fn()
+        if "mmengine" in sys.modules:  # a dict lookup: plain loops never import the bridge
+            join_mmengine(self)
 
     # -- the training step ---------------------------------------------------------------
 

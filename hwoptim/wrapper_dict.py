@@ -10,12 +10,13 @@ with missing or unknown names raises before anything is loaded.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 from typing import Any, NoReturn
 
 from torch import Tensor
 
-from hwoptim.wrapper import OptimWrapper
+from hwoptim.wrapper import OptimWrapper, join_mmengine
 
 
 class OptimWrapperDict(OptimWrapper):
@@ -40,6 +41,8 @@ class OptimWrapperDict(OptimWrapper):
         # No OptimWrapper.__init__: there is no single optimizer. Every member OptimWrapper
         # defines is overridden below.
         self.optim_wrappers: dict[str, OptimWrapper] = dict(optim_wrappers)
+        if "mmengine" in sys.modules:
+            join_mmengine(self)
 
     # -- what must be called on a named wrapper ------------------------------------------
 

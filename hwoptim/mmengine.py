@@ -1,0 +1,350 @@
+"""The bridge to mmengine's Runner: hwoptim's wrappers wherever mmengine expects its own.
+
+An mmengine config takes hwoptim in one line, in either form::
+
+    optim_wrapper = dict(type=hwoptim.AmpOptimWrapper, dtype="bfloat16", ...)  # Python config
+
+    custom_imports = dict(imports=["hwoptim.mmengine"])                         # any config
+    optim_wrapper = dict(type="hwoptim.AmpOptimWrapper", dtype="bfloat16", ...)
+
+Importing this module registers ``OptimWrapper``, ``AmpOptimWrapper`` and ``OptimWrapperDict``
+in mmengine's ``OPTIM_WRAPPERS`` registry under the scope "hwoptim" (mmengine's ``scope.Name``
+convention), and ``OptimWrapperConstructor`` in ``OPTIM_WRAPPER_CONSTRUCTORS``: it builds
+through :func:`hwoptim.build_optim_wrapper`, so a config can hold one wrapper config per
+submodule (GANs) and name optimizers by ``"module:Class"``, which mmengine's default
+constructor cannot.
+
+Every hwoptim wrapper built while mmengine is imported joins it (:func:`join`, called by the
+wrapper's constructor only when ``"mmengine" in sys.modules``, so ``import hwoptim`` never
+imports mmengine and a plain loop pays nothing):
+
+- mmengine's Runner, strategies, schedulers and hooks check ``isinstance(w, OptimWrapper)``
+  (or ``OptimWrapperDict``, ``BaseOptimWrapper``). Those are ABCs, so hwoptim's classes are
+  registered as their virtual subclasses (``ABCMeta.register``, public API): the checks pass
+  without hwoptim subclassing mmengine and without patching anything in it.
+- ``train/grad_norm`` (with clip_grad) and ``train/loss_scale`` (with a loss scaler) reach
+  the current ``MessageHub`` after every update without a host sync: an optimizer step hook
+  (torch's public ``register_step_post_hook``) queues the device tensors in a
+  :class:`DeviceHistoryBuffer`, which reads all queued values in one transfer when the log
+  processor asks, at the logging interval. In an OptimWrapperDict the keys are
+  ``train/<name>.grad_norm`` and ``train/<name>.loss_scale``, as ``get_lr()`` names them.
+  :func:`leave` stops this for a wrapper whose process imports mmengine for other reasons.
+"""
+
+from __future__ import annotations
+
+import weakref
+from abc import ABCMeta
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+import numpy as np
+import torch
+from mmengine.logging import HistoryBuffer, MessageHub
+from mmengine.optim import OptimWrapper as _MMOptimWrapper
+from mmengine.optim import OptimWrapperDict as _MMOptimWrapperDict
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as _MM_CONSTRUCTORS
+from mmengine.registry import OPTIM_WRAPPERS as _MM_OPTIM_WRAPPERS
+from mmengine.registry import OPTIMIZERS as _MM_OPTIMIZERS
+from mmengine.registry import Registry
+from torch import Tensor, nn
+
+from hwoptim.amp import AmpOptimWrapper
+from hwoptim.build import build_optim_wrapper, resolve_optimizer_type
+from hwoptim.wrapper import OptimWrapper
+from hwoptim.wrapper_dict import OptimWrapperDict
+
+__all__ = [
+    "OPTIM_WRAPPERS",
+    "OPTIM_WRAPPER_CONSTRUCTORS",
+    "DeviceHistoryBuffer",
+    "OptimWrapperConstructor",
+    "join",
+    "leave",
+]
+
+SCOPE = "hwoptim"
+
+# -- isinstance: virtual subclasses of mmengine's ABCs ----------------------------------------
+
+# mmengine's BaseOptimWrapper has ABCMeta as its metaclass; registering with OptimWrapper also
+# makes hwoptim's classes virtual subclasses of BaseOptimWrapper (ABCMeta looks through the
+# registrations of subclasses). OptimWrapperDict is registered on its own: in mmengine it is
+# an OptimWrapper subclass, and the Runner tells the two apart with isinstance.
+if not isinstance(_MMOptimWrapper, ABCMeta):  # pragma: no cover - mmengine 0.10 has it
+    raise ImportError(
+        "mmengine.optim.OptimWrapper is not an ABC in this mmengine version, so hwoptim's "
+        "wrappers cannot pass its isinstance checks; use mmengine-lite 0.10"
+    )
+_MMOptimWrapper.register(OptimWrapper)
+_MMOptimWrapperDict.register(OptimWrapperDict)
+
+
+# -- the registries of the scope "hwoptim" ----------------------------------------------------
+
+def _scope_registry(parent: Any, name: str) -> Any:
+    """``parent``'s child registry of the scope "hwoptim" (the existing one on a re-import)."""
+    existing = parent.children.get(SCOPE)
+    return existing if existing is not None else Registry(name, parent=parent, scope=SCOPE)
+
+
+#: mmengine's OPTIM_WRAPPERS for the scope "hwoptim": ``type="hwoptim.AmpOptimWrapper"``
+OPTIM_WRAPPERS = _scope_registry(_MM_OPTIM_WRAPPERS, "optim_wrapper")
+#: mmengine's OPTIM_WRAPPER_CONSTRUCTORS for the scope "hwoptim"
+OPTIM_WRAPPER_CONSTRUCTORS = _scope_registry(_MM_CONSTRUCTORS, "optimizer wrapper constructor")
+for _cls in (OptimWrapper, AmpOptimWrapper, OptimWrapperDict):
+    OPTIM_WRAPPERS.register_module(module=_cls, force=True)
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module(force=True)
+class OptimWrapperConstructor:
+    """``constructor="hwoptim.OptimWrapperConstructor"``: build with hwoptim.build_optim_wrapper.
+
+    What it adds to mmengine's DefaultOptimWrapperConstructor:
+
+    - one wrapper config per submodule name builds an OptimWrapperDict (GANs), where
+      mmengine needs a constructor of your own (``type="hwoptim.OptimWrapperDict"`` may say
+      so explicitly)::
+
+          optim_wrapper = dict(constructor="hwoptim.OptimWrapperConstructor",
+                               generator=dict(type="AmpOptimWrapper", optimizer=...),
+                               discriminator=dict(optimizer=...))
+
+    - optimizer types as torch.optim names, classes, ``"package.module:Class"``, or any name
+      in mmengine's OPTIMIZERS registry; wrapper types as "OptimWrapper", "AmpOptimWrapper",
+      their scoped names ("hwoptim.AmpOptimWrapper"), classes or ``"module:Class"``;
+    - every key checked when the wrapper is built, the config never modified.
+    """
+
+    def __init__(self, optim_wrapper_cfg: Mapping[str, Any], paramwise_cfg: Mapping[str, Any] | None = None):
+        if not isinstance(optim_wrapper_cfg, Mapping):
+            raise TypeError(f"optim_wrapper_cfg must be a dict; got {type(optim_wrapper_cfg).__name__}")
+        cfg = dict(optim_wrapper_cfg)
+        if paramwise_cfg is not None:
+            if "optimizer" not in cfg and "type" not in cfg:
+                raise ValueError(
+                    "paramwise_cfg applies to one wrapper; with one config per submodule, put a "
+                    "paramwise_cfg inside each submodule's config"
+                )
+            cfg["paramwise_cfg"] = paramwise_cfg
+        self.cfg = _hwoptim_cfg(cfg)
+
+    def __call__(self, model: nn.Module) -> OptimWrapper:
+        return build_optim_wrapper(model, self.cfg)
+
+
+def _hwoptim_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` in hwoptim.build_optim_wrapper's terms: scoped wrapper names unscoped, and
+    optimizer names that only mmengine's OPTIMIZERS registry knows resolved to classes.
+    ``type="hwoptim.OptimWrapperDict"`` (or the class) says the other keys are the names."""
+    out = dict(cfg)
+    wrapper_type = out.get("type")
+    if isinstance(wrapper_type, str) and wrapper_type.startswith(SCOPE + "."):
+        wrapper_type = out["type"] = wrapper_type[len(SCOPE) + 1 :]
+    if wrapper_type in ("OptimWrapperDict", OptimWrapperDict):
+        del out["type"]
+        if "optimizer" in out:
+            raise ValueError(
+                "an OptimWrapperDict config holds one wrapper config per submodule name, "
+                "not an 'optimizer'; e.g. dict(type='hwoptim.OptimWrapperDict', "
+                "generator=dict(optimizer=...), discriminator=dict(optimizer=...))"
+            )
+    if "optimizer" not in out and "type" not in out:  # one config per submodule
+        return {name: _hwoptim_cfg(sub) if isinstance(sub, Mapping) else sub for name, sub in out.items()}
+    optimizer = out.get("optimizer")
+    if isinstance(optimizer, Mapping) and isinstance(optimizer.get("type"), str):
+        out["optimizer"] = dict(optimizer, type=_optimizer_type(optimizer["type"]))
+    return out
+
+
+def _optimizer_type(name: str) -> Any:
+    """A torch.optim name or "module:Class" as it is; else mmengine's OPTIMIZERS entry."""
+    try:
+        resolve_optimizer_type(name)
+        return name
+    except ValueError:
+        found = _MM_OPTIMIZERS.get(name)
+        if found is None:
+            raise
+        return found
+
+
+# -- logging without host syncs --------------------------------------------------------------
+
+#: values queued on the device before they are folded into one tensor (no sync either way)
+_FOLD_EVERY = 256
+
+
+class DeviceHistoryBuffer(HistoryBuffer):  # type: ignore[misc]
+    """A HistoryBuffer that takes device tensors and reads them only when it is read.
+
+    ``push(tensor)`` queues a scalar tensor without reading it. The first read of the history
+    (``mean``, ``current``, ``statistics``, ``data``, custom statistics: they all go through
+    ``_log_history``) moves every queued value to the host in one transfer. A buffer pickles
+    and deep-copies as a plain HistoryBuffer, so MessageHub checkpoints load without hwoptim.
+    """
+
+    def __init__(self, log_history: Iterable[float] = (), count_history: Iterable[float] = (),
+                 max_length: int = 1000000) -> None:
+        self._queued: list[Tensor] = []
+        self._folded: list[Tensor] = []
+        super().__init__(list(log_history), list(count_history), max_length)
+
+    @classmethod
+    def from_buffer(cls, buffer: HistoryBuffer) -> DeviceHistoryBuffer:
+        """A DeviceHistoryBuffer holding ``buffer``'s history (a resumed MessageHub's)."""
+        logs, counts = buffer.data
+        return cls(logs.tolist(), counts.tolist(), buffer.max_length)
+
+    def push(self, value: Tensor) -> None:
+        """Queue one value (a one-element tensor on any device; not read now)."""
+        queued = self._queued
+        queued.append(value)
+        if len(queued) >= _FOLD_EVERY:  # bound the number of tensors kept alive
+            self._fold()
+
+    @property
+    def pending(self) -> int:
+        """How many pushed values have not been moved to the host yet."""
+        return len(self._queued) + sum(t.numel() for t in self._folded)
+
+    def _fold(self) -> None:
+        queued, self._queued = self._queued, []
+        try:  # one wrapper's values: same shape, device and dtype
+            folded = torch.stack(queued)
+        except RuntimeError:
+            device = queued[-1].device
+            folded = torch.stack([t.detach().reshape(()).to(device, torch.float32) for t in queued])
+        self._folded.append(folded.detach().reshape(-1).float())
+        total = sum(t.numel() for t in self._folded)
+        while len(self._folded) > 1 and total - self._folded[0].numel() >= self.max_length:
+            total -= self._folded.pop(0).numel()  # older than the buffer keeps anyway
+
+    def _materialize(self) -> None:
+        """Move the queued values to the host: one transfer, the only sync this class makes."""
+        if self._queued:
+            self._fold()
+        if not self._folded:
+            return
+        chunks, self._folded = self._folded, []
+        device = chunks[-1].device
+        values = torch.cat([c.to(device) for c in chunks]).tolist()
+        logs = np.append(self.__dict__["_logs"], values)
+        counts = np.append(self.__dict__["_counts"], np.ones(len(values)))
+        self.__dict__["_logs"] = logs[-self.max_length :]
+        self.__dict__["_counts"] = counts[-self.max_length :]
+
+    # HistoryBuffer and every statistics method read these two attributes: reading either
+    # brings the queued values in first.
+    @property
+    def _log_history(self) -> np.ndarray:
+        self._materialize()
+        return cast(np.ndarray, self.__dict__["_logs"])
+
+    @_log_history.setter
+    def _log_history(self, value: np.ndarray) -> None:
+        self.__dict__["_logs"] = value
+
+    @property
+    def _count_history(self) -> np.ndarray:
+        self._materialize()
+        return cast(np.ndarray, self.__dict__["_counts"])
+
+    @_count_history.setter
+    def _count_history(self, value: np.ndarray) -> None:
+        self.__dict__["_counts"] = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        logs, counts = self._log_history, self._count_history
+        return (HistoryBuffer, (logs.tolist(), counts.tolist(), self.max_length))
+
+
+def _buffer(hub: Any, key: str) -> DeviceHistoryBuffer:
+    """The hub's DeviceHistoryBuffer for ``key``, made (or converted, after a resume) once."""
+    scalars = hub.log_scalars  # the hub's own dict; mmengine assigns buffers into it too
+    buffer = scalars.get(key)
+    if type(buffer) is DeviceHistoryBuffer:
+        return buffer
+    if buffer is None:
+        # Through update_scalar once, so that the key is among the hub's resumed keys and its
+        # history is saved in checkpoints, as mmengine's own train/grad_norm is.
+        hub.update_scalar(key, 0.0)
+        converted = DeviceHistoryBuffer(max_length=hub.log_scalars[key].max_length)
+    else:
+        converted = DeviceHistoryBuffer.from_buffer(buffer)
+    scalars[key] = converted
+    return converted
+
+
+class _LogAfterStep:
+    """An optimizer step post-hook: queue the wrapper's grad norm and loss scale for logging.
+
+    Runs after each optimizer step (an update the loss scaler skips without stepping the
+    optimizer is not logged). Holds the wrapper weakly; the optimizer holds this hook.
+    """
+
+    def __init__(self, wrapper: OptimWrapper) -> None:
+        self._wrapper = weakref.ref(wrapper)
+        self.grad_norm_key = "train/grad_norm"
+        self.loss_scale_key = "train/loss_scale"
+        self.handle: Any = None  # the optimizer's handle, to remove this hook
+
+    def name(self, name: str) -> None:
+        """Log under ``train/<name>.grad_norm`` (a member of an OptimWrapperDict)."""
+        self.grad_norm_key = f"train/{name}.grad_norm"
+        self.loss_scale_key = f"train/{name}.loss_scale"
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        wrapper = self._wrapper()
+        if wrapper is None:
+            return
+        norm = wrapper.last_grad_norm
+        scale = wrapper.loss_scale
+        if norm is None and scale is None:
+            return
+        hub = MessageHub.get_current_instance()
+        if norm is not None:
+            _buffer(hub, self.grad_norm_key).push(norm)
+        if scale is not None:
+            # the scaler updates this tensor in place after the step: keep this step's value
+            _buffer(hub, self.loss_scale_key).push(scale.clone())
+
+
+#: the joined wrappers' hooks (kept across a re-import, so that no wrapper gets two)
+_hooks: weakref.WeakKeyDictionary[OptimWrapper, _LogAfterStep] = globals().get(
+    "_hooks", weakref.WeakKeyDictionary()
+)
+
+
+def join(wrapper: OptimWrapper) -> None:
+    """Make ``wrapper`` log to mmengine's MessageHub (its class already passes isinstance).
+
+    Called by the wrappers' constructors when mmengine is imported; calling it again does
+    nothing. An OptimWrapperDict names its members' keys after them.
+    """
+    if isinstance(wrapper, OptimWrapperDict):
+        for name, member in wrapper.items():
+            join(member)
+            _hooks[member].name(name)
+        return
+    if wrapper in _hooks:
+        return
+    hook = _LogAfterStep(wrapper)
+    hook.handle = wrapper.optimizer.register_step_post_hook(hook)
+    _hooks[wrapper] = hook
+
+
+def leave(wrapper: OptimWrapper) -> None:
+    """Stop ``wrapper`` logging to mmengine's MessageHub (it still passes isinstance).
+
+    For a loop of your own in a process that imports mmengine for something else, where
+    nothing reads the hub: each update then costs nothing for logging. Does nothing for a
+    wrapper that is not joined.
+    """
+    if isinstance(wrapper, OptimWrapperDict):
+        for member in wrapper.values():
+            leave(member)
+        return
+    hook = _hooks.pop(wrapper, None)
+    if hook is not None:
+        hook.handle.remove()
