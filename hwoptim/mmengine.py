@@ -50,6 +50,7 @@ from mmengine.registry import Registry
 from torch import Tensor, nn
 
 from hwoptim.amp import AmpOptimWrapper
+from hwoptim.backends import get_backend
 from hwoptim.build import build_optim_wrapper, resolve_optimizer_type
 from hwoptim.wrapper import OptimWrapper
 from hwoptim.wrapper_dict import OptimWrapperDict
@@ -113,7 +114,14 @@ class OptimWrapperConstructor:
     - optimizer types as torch.optim names, classes, ``"package.module:Class"``, or any name
       in mmengine's OPTIMIZERS registry; wrapper types as "OptimWrapper", "AmpOptimWrapper",
       their scoped names ("hwoptim.AmpOptimWrapper"), classes or ``"module:Class"``;
-    - every key checked when the wrapper is built, the config never modified.
+    - every key checked when the wrapper is built, the config never modified;
+    - the model placed on the device of the config's AmpOptimWrapper(s) before the
+      optimizer is built, when it is elsewhere. The Runner puts the model on
+      ``mmengine.device.get_device()``, which is "cpu" for every device mmengine does not
+      know (XPU, HPU, plugin devices, hwoptim.testing.emulated), and on those devices
+      ``model.to()`` replaces the parameters: placing it later would leave the optimizer
+      with stale CPU copies. On CUDA, NPU, MLU and MPS the Runner already put it there and
+      nothing moves.
     """
 
     def __init__(self, optim_wrapper_cfg: Mapping[str, Any], paramwise_cfg: Mapping[str, Any] | None = None):
@@ -130,7 +138,38 @@ class OptimWrapperConstructor:
         self.cfg = _hwoptim_cfg(cfg)
 
     def __call__(self, model: nn.Module) -> OptimWrapper:
+        device = _amp_device(self.cfg)
+        if device is not None and not isinstance(model, nn.parallel.DistributedDataParallel):
+            misplaced = next((p for p in model.parameters() if p.device != device), None)
+            if misplaced is not None:
+                from mmengine.logging import print_log
+
+                print_log(f"hwoptim: moving the model from {misplaced.device} to the "
+                          f"AmpOptimWrapper's device {device} before building the optimizer",
+                          logger="current")
+                # a torch.device, not a str: BaseModel.to rewrites strings naming "npu"
+                model.to(device)
         return build_optim_wrapper(model, self.cfg)
+
+
+def _amp_device(cfg: Mapping[str, Any]) -> torch.device | None:
+    """The one device of the AmpOptimWrapper configs in ``cfg`` (None: none, or several)."""
+    if "optimizer" in cfg or "type" in cfg:
+        members: Iterable[Any] = (cfg,)
+    else:
+        members = cfg.values()
+    devices = {
+        get_backend(member.get("device", "auto")).device()
+        for member in members
+        if isinstance(member, Mapping) and _is_amp(member.get("type"))
+    }
+    return devices.pop() if len(devices) == 1 else None
+
+
+def _is_amp(wrapper_type: Any) -> bool:
+    if isinstance(wrapper_type, type):
+        return issubclass(wrapper_type, AmpOptimWrapper)
+    return wrapper_type == "AmpOptimWrapper"
 
 
 def _hwoptim_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:

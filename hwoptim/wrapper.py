@@ -165,6 +165,14 @@ def _has_batch_norm(model: Any) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+#: the placement error's advice under mmengine's Runner, which moves the model itself
+_MMENGINE_PLACEMENT = (
+    ". Under mmengine's Runner, which puts the model on mmengine.device.get_device() (the "
+    "CPU on devices mmengine does not know), add constructor='hwoptim.OptimWrapperConstructor' "
+    "to the optim_wrapper config: it places the model on the wrapper's device first"
+)
+
+
 class OptimWrapper:
     """An optimizer with gradient accumulation, clipping and sync skipping, mmengine-compatible.
 
@@ -1100,12 +1108,13 @@ class OptimWrapper:
                 f"{len(misplaced)} of the optimizer's parameters are not on the wrapper's "
                 f"device {device} (the first: shape {tuple(first.shape)} on {first.device})"
             )
+        advice = _MMENGINE_PLACEMENT if "mmengine.runner" in sys.modules else ""
         raise RuntimeError(
             f"{problem}. Move the model to the device before building the optimizer: on "
             "many devices model.to(device) replaces the parameters, and an optimizer built "
             "earlier keeps the old ones. For example: device = "
             "hwoptim.get_backend('auto').device(); model.to(device); then build the "
-            "optimizer and the wrapper (device=device)"
+            f"optimizer and the wrapper (device=device){advice}"
         )
 
     def _placement_device(self) -> torch.device | None:

@@ -1,0 +1,117 @@
+"""hwoptim's AmpOptimWrapper inside mmengine's real Runner, on the emulated device.
+
+mmengine's Runner puts the model on ``mmengine.device.get_device()``, which knows CUDA,
+NPU, MLU, MPS, DIPU and MUSA only: on any other device (this one, as "emu" and as "npu"
+with hwoptim's torch_npu stand-in, which lacks what mmengine's NPU detection imports) it
+is "cpu". These tests pin that down, and train the documented way:
+``constructor="hwoptim.OptimWrapperConstructor"`` places the model on the wrapper's
+device before the optimizer is built (docs/migrating-from-mmengine.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _mmengine_worker import ITERS, Net, params_of, runner_kwargs
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
+
+import hwoptim
+from hwoptim.mmengine import DeviceHistoryBuffer
+
+
+def amp_config(dtype: str, **extra: Any) -> dict[str, Any]:
+    return dict(
+        constructor="hwoptim.OptimWrapperConstructor",
+        type=hwoptim.AmpOptimWrapper, device="auto", dtype=dtype,
+        accumulative_counts=3,  # ITERS = 10: windows 3, 3, 3 and a last one of 1
+        optimizer=dict(type="AdamW", lr=0.01), clip_grad=dict(max_norm=1.0),
+        **extra,
+    )
+
+
+RUN = dict(
+    train_cfg=dict(by_epoch=False, max_iters=ITERS),
+    param_scheduler=dict(type="LinearLR", start_factor=0.2, by_epoch=False, begin=0, end=8),
+)
+
+
+class StopAfter(Hook):
+    priority = "LOWEST"
+
+    def __init__(self, iters: int) -> None:
+        self.iters = iters
+
+    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
+                         outputs: Any = None) -> None:
+        if runner.iter + 1 == self.iters:
+            raise KeyboardInterrupt("stopped on purpose")
+
+
+def test_mmengine_puts_the_model_on_the_cpu_whatever_the_user_did(tmp_path, device):
+    """What the docs tell users: moving the model first does not survive the Runner, and
+    mmengine's default constructor then builds the optimizer over CPU parameters."""
+    from mmengine.device import get_device
+
+    assert get_device() == "cpu"
+    model = Net().to(device)
+    runner = Runner(**runner_kwargs(tmp_path, model=model, optim_wrapper=dict(
+        type=hwoptim.AmpOptimWrapper, device="auto", dtype="bfloat16",
+        optimizer=dict(type="SGD", lr=0.1))))
+    assert {p.device.type for p in runner.model.parameters()} == {"cpu"}
+    with pytest.raises(RuntimeError, match="constructor='hwoptim.OptimWrapperConstructor'"):
+        runner.train()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_amp_under_the_runner_trains_on_the_device_and_resumes(tmp_path, device, dtype, monkeypatch):
+    # mmengine 0.10.7 resumes with torch.load's weights_only default (see test_mmengine.py)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    straight = Runner(**runner_kwargs(
+        tmp_path / "straight", optim_wrapper=amp_config(dtype),
+        default_hooks=dict(logger=dict(type="LoggerHook", interval=5), checkpoint=None),
+        log_level="INFO", **RUN))
+    straight.train()
+
+    model, wrapper = straight.model, straight.optim_wrapper
+    assert wrapper.device == device and wrapper.cast_dtype == getattr(torch, dtype)
+    assert all(p.device == device for p in model.parameters())
+    assert model.data_preprocessor._device == device  # mmengine moves the batches there
+    assert set(model.forward_dtypes) == {getattr(torch, dtype)}
+    assert all(s.device == device for state in wrapper.optimizer.state.values()
+               for s in state.values() if isinstance(s, torch.Tensor) and s.dim() > 0)
+    assert wrapper.last_grad_norm.device == device
+    scalars = straight.message_hub.log_scalars
+    assert isinstance(scalars["train/grad_norm"], DeviceHistoryBuffer)
+    assert len(scalars["train/grad_norm"].data[0]) == 4  # 3 + 3 + 3 + 1: one per update
+    log = next(Path(straight.log_dir).glob("*.log")).read_text()
+    assert "grad_norm: " in log
+    if dtype == "float16":
+        assert wrapper.loss_scale.device == device
+        assert scalars["train/loss_scale"].current() == float(wrapper.loss_scale)
+        assert "loss_scale: " in log
+    else:
+        assert wrapper.loss_scaler is None and "train/loss_scale" not in scalars
+
+    # interrupted after iteration 7, resumed from the checkpoint of iteration 6
+    work_dir = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        Runner(**runner_kwargs(
+            work_dir, optim_wrapper=amp_config(dtype), custom_hooks=[StopAfter(7)],
+            default_hooks=dict(logger=None, checkpoint=dict(type="CheckpointHook", interval=3,
+                                                            by_epoch=False)),
+            **RUN)).train()
+    assert (work_dir / "iter_6.pth").exists()
+    resumed = Runner(**runner_kwargs(work_dir, optim_wrapper=amp_config(dtype), resume=True, **RUN))
+    resumed.train()
+
+    assert resumed.iter == ITERS
+    assert all(p.device == device for p in resumed.model.parameters())
+    for got, want in zip(params_of(resumed.model), params_of(model)):
+        assert torch.equal(got.cpu(), want.cpu())
+    if dtype == "float16":
+        assert resumed.optim_wrapper.loss_scale.device == device
+        assert float(resumed.optim_wrapper.loss_scale) == float(wrapper.loss_scale)
