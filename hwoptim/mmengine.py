@@ -29,6 +29,13 @@ imports mmengine and a plain loop pays nothing):
   processor asks, at the logging interval. In an OptimWrapperDict the keys are
   ``train/<name>.grad_norm`` and ``train/<name>.loss_scale``, as ``get_lr()`` names them.
   :func:`leave` stops this for a wrapper whose process imports mmengine for other reasons.
+  With ``num_items`` the window's loss per item (``wrapper.last_loss``) goes there too,
+  as ``train/item_loss``.
+- Item-weighted accumulation (docs/variable-size-batches.md): a model that mixes in
+  :class:`ItemWeightedTrainStep` returns its losses as sums together with a ``num_items``
+  entry, and its ``train_step`` passes the count to ``update_params``; under DDP,
+  ``model_wrapper_cfg=dict(type="hwoptim.ItemWeightedDistributedDataParallel")`` does
+  the same in the wrapper's ``train_step``.
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ from typing import Any, cast
 import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer, MessageHub
+from mmengine.model import MMDistributedDataParallel as _MMDistributedDataParallel
 from mmengine.optim import OptimWrapper as _MMOptimWrapper
 from mmengine.optim import OptimWrapperDict as _MMOptimWrapperDict
+from mmengine.registry import MODEL_WRAPPERS as _MM_MODEL_WRAPPERS
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as _MM_CONSTRUCTORS
 from mmengine.registry import OPTIM_WRAPPERS as _MM_OPTIM_WRAPPERS
 from mmengine.registry import OPTIMIZERS as _MM_OPTIMIZERS
@@ -56,9 +65,13 @@ from hwoptim.wrapper import OptimWrapper
 from hwoptim.wrapper_dict import OptimWrapperDict
 
 __all__ = [
+    "MODEL_WRAPPERS",
+    "NUM_ITEMS",
     "OPTIM_WRAPPERS",
     "OPTIM_WRAPPER_CONSTRUCTORS",
     "DeviceHistoryBuffer",
+    "ItemWeightedDistributedDataParallel",
+    "ItemWeightedTrainStep",
     "OptimWrapperConstructor",
     "join",
     "leave",
@@ -93,6 +106,8 @@ def _scope_registry(parent: Any, name: str) -> Any:
 OPTIM_WRAPPERS = _scope_registry(_MM_OPTIM_WRAPPERS, "optim_wrapper")
 #: mmengine's OPTIM_WRAPPER_CONSTRUCTORS for the scope "hwoptim"
 OPTIM_WRAPPER_CONSTRUCTORS = _scope_registry(_MM_CONSTRUCTORS, "optimizer wrapper constructor")
+#: mmengine's MODEL_WRAPPERS for the scope "hwoptim": "hwoptim.ItemWeightedDistributedDataParallel"
+MODEL_WRAPPERS = _scope_registry(_MM_MODEL_WRAPPERS, "model_wrapper")
 for _cls in (OptimWrapper, AmpOptimWrapper, OptimWrapperDict):
     OPTIM_WRAPPERS.register_module(module=_cls, force=True)
 
@@ -169,7 +184,7 @@ def _amp_device(cfg: Mapping[str, Any]) -> torch.device | None:
 def _is_amp(wrapper_type: Any) -> bool:
     if isinstance(wrapper_type, type):
         return issubclass(wrapper_type, AmpOptimWrapper)
-    return wrapper_type == "AmpOptimWrapper"
+    return bool(wrapper_type == "AmpOptimWrapper")
 
 
 def _hwoptim_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -326,12 +341,14 @@ class _LogAfterStep:
         self._wrapper = weakref.ref(wrapper)
         self.grad_norm_key = "train/grad_norm"
         self.loss_scale_key = "train/loss_scale"
+        self.item_loss_key = "train/item_loss"
         self.handle: Any = None  # the optimizer's handle, to remove this hook
 
     def name(self, name: str) -> None:
         """Log under ``train/<name>.grad_norm`` (a member of an OptimWrapperDict)."""
         self.grad_norm_key = f"train/{name}.grad_norm"
         self.loss_scale_key = f"train/{name}.loss_scale"
+        self.item_loss_key = f"train/{name}.item_loss"
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         wrapper = self._wrapper()
@@ -339,9 +356,12 @@ class _LogAfterStep:
             return
         norm = wrapper.last_grad_norm
         scale = wrapper.loss_scale
-        if norm is None and scale is None:
+        item_loss = wrapper.last_loss  # None unless this update's window gave num_items
+        if norm is None and scale is None and item_loss is None:
             return
         hub = MessageHub.get_current_instance()
+        if item_loss is not None:  # a new tensor per update: nothing overwrites it
+            _buffer(hub, self.item_loss_key).push(item_loss)
         if norm is not None:
             _buffer(hub, self.grad_norm_key).push(norm)
         if scale is not None:
@@ -387,3 +407,91 @@ def leave(wrapper: OptimWrapper) -> None:
     hook = _hooks.pop(wrapper, None)
     if hook is not None:
         hook.handle.remove()
+
+
+# -- item-weighted accumulation: num_items from the model's losses ---------------------------
+
+#: the entry of a model's losses dict that holds the micro-batch's item count
+NUM_ITEMS = "num_items"
+
+
+class ItemWeightedTrainStep:
+    """Mix into an mmengine ``BaseModel`` whose losses are sums over items: ``train_step``
+    passes the item count to ``update_params(loss, num_items=...)``.
+
+    The model's ``loss`` mode returns its losses summed over the micro-batch's items, and
+    the count under ``"num_items"`` (an int or an integer tensor, left on the device)::
+
+        class LM(hwoptim.mmengine.ItemWeightedTrainStep, BaseModel):
+            def forward(self, tokens, labels, mode="tensor"):
+                ...
+                return dict(loss=F.cross_entropy(logits, labels, ignore_index=-100,
+                                                 reduction="sum"),
+                            num_items=(labels != -100).sum())
+
+    ``train_step`` is BaseModel's, except that ``num_items`` is taken out of the dict
+    before ``parse_losses`` sums the keys containing "loss" (so it is neither summed nor
+    logged), and handed to the wrapper, which divides each window's gradients by its item
+    count over every data-parallel rank. Under DDP use
+    :class:`ItemWeightedDistributedDataParallel`: mmengine's own DDP wrapper runs a
+    ``train_step`` of its own, which ``parse_losses`` here refuses with that advice.
+    """
+
+    def train_step(self, data: Any, optim_wrapper: Any) -> dict[str, Tensor]:
+        """BaseModel.train_step with the item count passed to ``update_params``."""
+        model: Any = self
+        with optim_wrapper.optim_context(model):
+            data = model.data_preprocessor(data, True)
+            losses = model._run_forward(data, mode="loss")
+        return _update_with_items(model, losses, optim_wrapper)[1]
+
+    def parse_losses(self, losses: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """BaseModel.parse_losses, refusing a ``num_items`` that no train_step took out."""
+        if NUM_ITEMS in losses:
+            raise ValueError(
+                f"the losses hold {NUM_ITEMS!r}, but the train_step that called parse_losses "
+                "does not pass it on: it is not ItemWeightedTrainStep's. Under DDP, mmengine's "
+                "MMDistributedDataParallel runs its own train_step; use model_wrapper_cfg="
+                "dict(type='hwoptim.ItemWeightedDistributedDataParallel') (FlexibleRunner: "
+                "strategy=dict(type='DDPStrategy', model_wrapper=dict(type=...)))"
+            )
+        return cast(tuple[Tensor, dict[str, Tensor]], super().parse_losses(losses))  # type: ignore[misc]
+
+
+def _update_with_items(
+    model: Any, losses: Mapping[str, Any], optim_wrapper: Any
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Parse ``losses`` without its item count, and update with it; the parsed losses."""
+    if NUM_ITEMS not in losses:
+        raise ValueError(
+            f"an ItemWeightedTrainStep model's losses must hold {NUM_ITEMS!r}, the number of "
+            "items its summed losses cover (e.g. dict(loss=..., num_items=(labels != -100).sum()));"
+            f" got the keys {sorted(losses)}"
+        )
+    losses = dict(losses)
+    num_items = losses.pop(NUM_ITEMS)
+    parsed, log_vars = model.parse_losses(losses)
+    optim_wrapper.update_params(parsed, num_items=num_items)
+    return parsed, log_vars
+
+
+@MODEL_WRAPPERS.register_module(force=True)
+class ItemWeightedDistributedDataParallel(_MMDistributedDataParallel):  # type: ignore[misc]
+    """mmengine's MMDistributedDataParallel whose ``train_step`` passes the module's
+    ``num_items`` to ``update_params`` (see :class:`ItemWeightedTrainStep`)::
+
+        model_wrapper_cfg = dict(type="hwoptim.ItemWeightedDistributedDataParallel")
+
+    The item counts are summed over the DDP process group at each update.
+    """
+
+    def train_step(self, data: Any, optim_wrapper: Any) -> dict[str, Tensor]:
+        with optim_wrapper.optim_context(self):
+            data = self.module.data_preprocessor(data, training=True)
+            losses = self._run_forward(data, mode="loss")
+        parsed, log_vars = _update_with_items(self.module, losses, optim_wrapper)
+        if self.detect_anomalous_params:
+            from mmengine.model.utils import detect_anomalous_params
+
+            detect_anomalous_params(parsed, model=self)
+        return log_vars

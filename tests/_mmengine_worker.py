@@ -23,6 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from hwoptim.mmengine import ItemWeightedTrainStep
+
 IN, OUT = 4, 2
 #: samples in the data set; with BATCH per iteration: ITERS iterations per epoch
 SAMPLES, BATCH = 40, 4
@@ -91,9 +93,39 @@ class GAN(BaseModel):
         return {"loss_d": d_loss.detach(), "loss_g": g_loss.detach()}
 
 
-def dataloader(batch_size: int = BATCH, samples: int = SAMPLES) -> dict[str, Any]:
+class ItemData(Data):
+    """Data with a 0/1 mask per output: the items, 0 to OUT per sample, so that batches and
+    windows hold different numbers of items."""
+
+    def __init__(self, samples: int = SAMPLES) -> None:
+        super().__init__(samples)
+        g = torch.Generator().manual_seed(1)
+        self.mask = (torch.rand(samples, OUT, generator=g) < torch.rand(samples, 1, generator=g)).float()
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "y": self.y[i], "mask": self.mask[i]}
+
+
+class ItemNet(ItemWeightedTrainStep, Net):
+    """Net whose loss is the sum of the squared errors of the masked-in outputs (the items),
+    returned with their count: hwoptim.mmengine's item-weighted train_step."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None,
+                mode: str = "loss") -> Any:
+        out = self.fc2(torch.tanh(self.fc1(x)))
+        if mode == "loss":
+            assert mask is not None
+            return {"loss": item_losses(out, y, mask).sum(), "num_items": mask.sum().long()}
+        return [out]
+
+
+def item_losses(out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (out.float() - y) ** 2 * mask
+
+
+def dataloader(batch_size: int = BATCH, samples: int = SAMPLES, dataset: Any = None) -> dict[str, Any]:
     return dict(
-        dataset=Data(samples),
+        dataset=Data(samples) if dataset is None else dataset,
         sampler=dict(type="DefaultSampler", shuffle=False),
         batch_size=batch_size,
         num_workers=0,
@@ -251,4 +283,32 @@ def _dist_flexible(rank: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-SCENARIOS = {"runner": _dist_runner, "flexible": _dist_flexible}
+def _dist_items(rank: int, workdir: Path) -> dict[str, Any]:
+    """ItemNet under the Runner with hwoptim's item-weighted DDP wrapper."""
+    from mmengine.runner import Runner
+
+    _as_launched(rank)
+    runner = Runner(**runner_kwargs(
+        workdir / "items",
+        model=ItemNet(),
+        train_dataloader=dataloader(batch_size=BATCH // WORLD_SIZE, dataset=ItemData()),
+        train_cfg=dict(by_epoch=False, max_iters=DIST_ITERS),
+        optim_wrapper=dist_optim_wrapper(),
+        launcher="pytorch",
+        cfg=dict(model_wrapper_cfg=dict(type="hwoptim.ItemWeightedDistributedDataParallel",
+                                        device_ids=None)),
+        experiment_name="dist-items",
+    ))
+    calls = _count_allreduces(runner.model)
+    hook, per_iter = _record_collectives(calls)
+    runner.register_hook(hook)
+    runner.train()
+    return {
+        "model_type": type(runner.model).__name__,
+        "collectives": per_iter,
+        "params": params_of(runner.model),
+        "item_loss": runner.message_hub.get_scalar("train/item_loss").data[0].tolist(),
+    }
+
+
+SCENARIOS = {"runner": _dist_runner, "flexible": _dist_flexible, "items": _dist_items}

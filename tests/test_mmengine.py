@@ -25,9 +25,12 @@ from _mmengine_worker import (
     ITERS,
     WORLD_SIZE,
     Data,
+    ItemData,
+    ItemNet,
     Net,
     dataloader,
     dist_optim_wrapper,
+    item_losses,
     params_of,
     runner_kwargs,
 )
@@ -608,13 +611,71 @@ def test_a_python_config_file_with_the_class_itself(tmp_path):
     assert "train/loss_scale" in runner.message_hub.log_scalars
 
 
+# -- item-weighted accumulation: num_items from the model's losses ---------------------------
+
+
+ITEMS_CONFIG = dict(
+    type=hwoptim.OptimWrapper, optimizer=dict(type="SGD", lr=0.1, momentum=0.9),
+    accumulative_counts=3,  # ITERS = 10: windows of 3, 3, 3 and a remainder of 1
+    clip_grad=dict(max_norm=0.5),
+)
+
+
+def item_weighted_reference(iters: int, accumulate: int) -> tuple[list[torch.Tensor], list[float], list[float]]:
+    """Plain torch: per window, the sum of its item losses over its item count; clip, step.
+    Returns the parameters, and per update the item loss and the gradient norm."""
+    model = ItemNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batches = list(torch.utils.data.DataLoader(ItemData(), batch_size=4, shuffle=False))[:iters]
+    item_loss, norms = [], []
+    for start in range(0, iters, accumulate):
+        window = batches[start:start + accumulate]
+        total = sum(item_losses(model(b["x"], b["y"], mode="tensor")[0], b["y"], b["mask"]).sum()
+                    for b in window)
+        count = sum(b["mask"].sum() for b in window)
+        optimizer.zero_grad()
+        (total / count).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
+        optimizer.step()
+        item_loss.append(float(total.detach() / count))
+    return params_of(model), item_loss, norms
+
+
+def test_an_item_weighted_model_matches_the_per_item_mean_of_each_window(tmp_path):
+    runner = train(tmp_path, model=ItemNet(), optim_wrapper=ITEMS_CONFIG,
+                   train_dataloader=dataloader(dataset=ItemData()))
+    params, item_loss, norms = item_weighted_reference(ITERS, 3)
+    counts = [int(ItemData().mask[i * 12:(i + 1) * 12].sum()) for i in range(3)]
+    assert len(set(counts)) > 1  # the windows really hold different numbers of items
+
+    for got, want in zip(params_of(runner.model), params):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    scalars = runner.message_hub.log_scalars
+    assert scalars["train/item_loss"].data[0].tolist() == pytest.approx(item_loss, rel=1e-5)
+    assert grad_norms(runner) == pytest.approx(norms, rel=1e-5)
+    assert max(norms) > 0.5  # the clip acted
+
+
+def test_an_item_weighted_model_refuses_what_would_be_silently_wrong():
+    model = ItemNet()
+    x, y, mask = torch.ones(2, 4), torch.zeros(2, 2), torch.ones(2, 2)
+    losses = model(x, y, mask)
+    # mmengine's own DDP train_step calls parse_losses with the count still in the dict
+    with pytest.raises(ValueError, match="ItemWeightedDistributedDataParallel"):
+        model.parse_losses(losses)
+    wrapper = hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="must hold 'num_items'"):
+        bridge._update_with_items(model, {"loss": losses["loss"]}, wrapper)
+    assert model.parse_losses({"loss": losses["loss"]})[0] is not None  # without it: BaseModel's
+
+
 # -- distributed: 2 gloo ranks -----------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def dist_runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     return Runs.start(tmp_path_factory.mktemp("mmengine-dist"), "_mmengine_worker",
-                      ["runner", "flexible"], WORLD_SIZE)
+                      ["runner", "flexible", "items"], WORLD_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -665,3 +726,16 @@ def test_fsdp_strategy_builds_the_wrapper_and_needs_use_fsdp_said(tmp_path, use_
     wrapper = strategy.build_optim_wrapper(cfg, model=Net())
     assert type(wrapper) is hwoptim.AmpOptimWrapper
     assert isinstance(wrapper.loss_scaler, ShardedGradScaler) is bool(use_fsdp)
+
+
+@pytest.mark.dist
+def test_item_weighted_ddp_under_the_runner_matches_one_process(dist_runs):
+    """Each rank sees half of each batch; the counts are summed over both at each update,
+    so both ranks end where one process on the whole batches does (the plain-torch one)."""
+    params, item_loss, _ = item_weighted_reference(DIST_ITERS, 3)
+    for rank in dist_runs("items"):
+        assert rank["model_type"] == "ItemWeightedDistributedDataParallel"
+        assert [n > 0 for n in rank["collectives"]] == DIST_SYNCED  # still skipped between
+        for got, want in zip(rank["params"], params):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert rank["item_loss"] == pytest.approx(item_loss, rel=1e-5)
