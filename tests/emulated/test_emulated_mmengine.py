@@ -62,7 +62,7 @@ def test_mmengine_puts_the_model_on_the_cpu_whatever_the_user_did(tmp_path, devi
         type=hwoptim.AmpOptimWrapper, device="auto", dtype="bfloat16",
         optimizer=dict(type="SGD", lr=0.1))))
     assert {p.device.type for p in runner.model.parameters()} == {"cpu"}
-    with pytest.raises(RuntimeError, match="constructor='hwoptim.OptimWrapperConstructor'"):
+    with pytest.raises(RuntimeError, match=r"constructor='hwoptim\.OptimWrapperConstructor'"):
         runner.train()
 
 
