@@ -311,4 +311,31 @@ def _dist_items(rank: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-SCENARIOS = {"runner": _dist_runner, "flexible": _dist_flexible, "items": _dist_items}
+def _dist_items_flexible(rank: int, workdir: Path) -> dict[str, Any]:
+    """ItemNet under FlexibleRunner's DDPStrategy with hwoptim's item-weighted DDP wrapper."""
+    from mmengine.runner import FlexibleRunner
+
+    _as_launched(rank)
+    runner = FlexibleRunner(
+        model=ItemNet(),
+        work_dir=str(workdir / "items-flexible"),
+        experiment_name="dist-items-flexible",
+        train_dataloader=dataloader(batch_size=BATCH // WORLD_SIZE, dataset=ItemData()),
+        train_cfg=dict(by_epoch=False, max_iters=DIST_ITERS),
+        optim_wrapper=dist_optim_wrapper(),
+        strategy=dict(type="DDPStrategy", model_wrapper=dict(
+            type="hwoptim.ItemWeightedDistributedDataParallel", device_ids=None)),
+        launcher="pytorch",
+        default_hooks=dict(logger=None, checkpoint=None),
+        log_level="ERROR",
+    )
+    runner.train()
+    return {
+        "model_type": type(runner.model).__name__,
+        "params": params_of(runner.model),
+        "item_loss": runner.message_hub.get_scalar("train/item_loss").data[0].tolist(),
+    }
+
+
+SCENARIOS = {"runner": _dist_runner, "flexible": _dist_flexible, "items": _dist_items,
+             "items-flexible": _dist_items_flexible}

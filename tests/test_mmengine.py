@@ -656,6 +656,18 @@ def test_an_item_weighted_model_matches_the_per_item_mean_of_each_window(tmp_pat
     assert max(norms) > 0.5  # the clip acted
 
 
+def test_item_loss_is_logged_per_member_and_only_with_num_items():
+    hub = MessageHub.get_instance(f"items-{uuid.uuid4().hex}")
+    model = torch.nn.Linear(2, 1)
+    wrappers = hwoptim.OptimWrapperDict(a=hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)))
+    wrappers["a"].update_params(model(torch.ones(1, 2)).sum())  # no num_items: nothing to log
+    assert not any("item_loss" in key for key in hub.log_scalars)
+    with HostSyncDetector() as detector:
+        wrappers["a"].update_params(model(torch.ones(3, 2)).sum(), num_items=torch.tensor(3))
+    assert detector.by("hwoptim") == []  # queued, not read
+    assert hub.get_scalar("train/a.item_loss").data[0].tolist() == [pytest.approx(float(wrappers["a"].last_loss))]
+
+
 def test_an_item_weighted_model_refuses_what_would_be_silently_wrong():
     model = ItemNet()
     x, y, mask = torch.ones(2, 4), torch.zeros(2, 2), torch.ones(2, 2)
@@ -675,7 +687,7 @@ def test_an_item_weighted_model_refuses_what_would_be_silently_wrong():
 @pytest.fixture(scope="module")
 def dist_runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     return Runs.start(tmp_path_factory.mktemp("mmengine-dist"), "_mmengine_worker",
-                      ["runner", "flexible", "items"], WORLD_SIZE)
+                      ["runner", "flexible", "items", "items-flexible"], WORLD_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -729,13 +741,15 @@ def test_fsdp_strategy_builds_the_wrapper_and_needs_use_fsdp_said(tmp_path, use_
 
 
 @pytest.mark.dist
-def test_item_weighted_ddp_under_the_runner_matches_one_process(dist_runs):
+@pytest.mark.parametrize("scenario", ["items", "items-flexible"])
+def test_item_weighted_ddp_under_the_runner_matches_one_process(dist_runs, scenario):
     """Each rank sees half of each batch; the counts are summed over both at each update,
     so both ranks end where one process on the whole batches does (the plain-torch one)."""
     params, item_loss, _ = item_weighted_reference(DIST_ITERS, 3)
-    for rank in dist_runs("items"):
+    for rank in dist_runs(scenario):
         assert rank["model_type"] == "ItemWeightedDistributedDataParallel"
-        assert [n > 0 for n in rank["collectives"]] == DIST_SYNCED  # still skipped between
+        if scenario == "items":
+            assert [n > 0 for n in rank["collectives"]] == DIST_SYNCED  # still skipped between
         for got, want in zip(rank["params"], params):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert rank["item_loss"] == pytest.approx(item_loss, rel=1e-5)
