@@ -356,7 +356,9 @@ class _LogAfterStep:
             return
         norm = wrapper.last_grad_norm
         scale = wrapper.loss_scale
-        item_loss = wrapper.last_loss  # None unless this update's window gave num_items
+        # None unless this update's window gave num_items. The attribute, not the property:
+        # reading last_loss is the user's "I log now", which checks for empty windows.
+        item_loss = wrapper._last_loss
         if norm is None and scale is None and item_loss is None:
             return
         hub = MessageHub.get_current_instance()
