@@ -109,6 +109,10 @@ def test_amp_under_the_runner_trains_on_the_device_and_resumes(tmp_path, device,
     resumed.train()
 
     assert resumed.iter == ITERS
+    # no logger in this run: the values of its updates (iterations 9 and 10) are still
+    # queued, as device tensors, not read
+    queued = resumed.message_hub.log_scalars["train/grad_norm"]
+    assert queued.pending == 2 and all(t.device == device for t in queued._queued)
     assert all(p.device == device for p in resumed.model.parameters())
     for got, want in zip(params_of(resumed.model), params_of(model)):
         assert torch.equal(got.cpu(), want.cpu())
