@@ -47,7 +47,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from mmengine.logging import HistoryBuffer, MessageHub
+from mmengine.logging import HistoryBuffer, MessageHub, print_log
 from mmengine.model import MMDistributedDataParallel as _MMDistributedDataParallel
 from mmengine.optim import OptimWrapper as _MMOptimWrapper
 from mmengine.optim import OptimWrapperDict as _MMOptimWrapperDict
@@ -155,10 +155,9 @@ class OptimWrapperConstructor:
     def __call__(self, model: nn.Module) -> OptimWrapper:
         device = _amp_device(self.cfg)
         if device is not None and not isinstance(model, nn.parallel.DistributedDataParallel):
-            misplaced = next((p for p in model.parameters() if p.device != device), None)
+            # by type, as the wrapper checks placement (mps and mps:0 are one place)
+            misplaced = next((p for p in model.parameters() if p.device.type != device.type), None)
             if misplaced is not None:
-                from mmengine.logging import print_log
-
                 print_log(f"hwoptim: moving the model from {misplaced.device} to the "
                           f"AmpOptimWrapper's device {device} before building the optimizer",
                           logger="current")

@@ -89,6 +89,7 @@ def test_amp_under_the_runner_trains_on_the_device_and_resumes(tmp_path, device,
     assert len(scalars["train/grad_norm"].data[0]) == 4  # 3 + 3 + 3 + 1: one per update
     log = next(Path(straight.log_dir).glob("*.log")).read_text()
     assert "grad_norm: " in log
+    assert f"hwoptim: moving the model from cpu to the AmpOptimWrapper's device {device}" in log
     if dtype == "float16":
         assert wrapper.loss_scale.device == device
         assert scalars["train/loss_scale"].current() == float(wrapper.loss_scale)
