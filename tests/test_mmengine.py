@@ -30,7 +30,7 @@ from _mmengine_worker import (
     Net,
     dataloader,
     dist_optim_wrapper,
-    item_losses,
+    item_weighted_reference,
     params_of,
     runner_kwargs,
 )
@@ -619,26 +619,6 @@ ITEMS_CONFIG = dict(
     accumulative_counts=3,  # ITERS = 10: windows of 3, 3, 3 and a remainder of 1
     clip_grad=dict(max_norm=0.5),
 )
-
-
-def item_weighted_reference(iters: int, accumulate: int) -> tuple[list[torch.Tensor], list[float], list[float]]:
-    """Plain torch: per window, the sum of its item losses over its item count; clip, step.
-    Returns the parameters, and per update the item loss and the gradient norm."""
-    model = ItemNet()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    batches = list(torch.utils.data.DataLoader(ItemData(), batch_size=4, shuffle=False))[:iters]
-    item_loss, norms = [], []
-    for start in range(0, iters, accumulate):
-        window = batches[start:start + accumulate]
-        total = sum(item_losses(model(b["x"], b["y"], mode="tensor")[0], b["y"], b["mask"]).sum()
-                    for b in window)
-        count = sum(b["mask"].sum() for b in window)
-        optimizer.zero_grad()
-        (total / count).backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
-        optimizer.step()
-        item_loss.append(float(total.detach() / count))
-    return params_of(model), item_loss, norms
 
 
 def test_an_item_weighted_model_matches_the_per_item_mean_of_each_window(tmp_path):

@@ -5,7 +5,8 @@ NPU, MLU, MPS, DIPU and MUSA only: on any other device (this one, as "emu" and a
 with hwoptim's torch_npu stand-in, which lacks what mmengine's NPU detection imports) it
 is "cpu". These tests pin that down, and train the documented way:
 ``constructor="hwoptim.OptimWrapperConstructor"`` places the model on the wrapper's
-device before the optimizer is built (docs/migrating-from-mmengine.md).
+device before the optimizer is built (docs/migrating-from-mmengine.md). An item-weighted
+model (hwoptim.mmengine.ItemWeightedTrainStep) trains there too, its counts on the device.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ from typing import Any
 
 import pytest
 import torch
-from _mmengine_worker import ITERS, Net, params_of, runner_kwargs
+from _mmengine_worker import (
+    ITERS,
+    ItemData,
+    ItemNet,
+    Net,
+    dataloader,
+    item_weighted_reference,
+    params_of,
+    runner_kwargs,
+)
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
@@ -23,13 +33,13 @@ import hwoptim
 from hwoptim.mmengine import DeviceHistoryBuffer
 
 
-def amp_config(dtype: str, **extra: Any) -> dict[str, Any]:
+def amp_config(dtype: str, **overrides: Any) -> dict[str, Any]:
     return dict(
-        constructor="hwoptim.OptimWrapperConstructor",
-        type=hwoptim.AmpOptimWrapper, device="auto", dtype=dtype,
-        accumulative_counts=3,  # ITERS = 10: windows 3, 3, 3 and a last one of 1
-        optimizer=dict(type="AdamW", lr=0.01), clip_grad=dict(max_norm=1.0),
-        **extra,
+        dict(constructor="hwoptim.OptimWrapperConstructor",
+             type=hwoptim.AmpOptimWrapper, device="auto", dtype=dtype,
+             accumulative_counts=3,  # ITERS = 10: windows 3, 3, 3 and a last one of 1
+             optimizer=dict(type="AdamW", lr=0.01), clip_grad=dict(max_norm=1.0)),
+        **overrides,
     )
 
 
@@ -120,3 +130,21 @@ def test_amp_under_the_runner_trains_on_the_device_and_resumes(tmp_path, device,
     if dtype == "float16":
         assert resumed.optim_wrapper.loss_scale.device == device
         assert float(resumed.optim_wrapper.loss_scale) == float(wrapper.loss_scale)
+
+
+def test_item_weighted_model_under_the_runner_counts_on_the_device(tmp_path, device):
+    """num_items as a device tensor from the model's losses: the same parameters as the
+    plain-torch reference on the CPU (fp32), and the logged item losses queued on the device."""
+    runner = Runner(**runner_kwargs(
+        tmp_path, model=ItemNet(), train_dataloader=dataloader(dataset=ItemData()),
+        optim_wrapper=amp_config("float32", optimizer=dict(type="SGD", lr=0.1, momentum=0.9),
+                                 clip_grad=dict(max_norm=0.5))))
+    runner.train()
+    assert all(p.device == device for p in runner.model.parameters())
+    queued = runner.message_hub.log_scalars["train/item_loss"]
+    assert queued.pending == 4 and all(t.device == device for t in queued._queued)
+
+    params, item_loss, _ = item_weighted_reference(ITERS, 3)
+    for got, want in zip(params_of(runner.model), params):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+    assert queued.data[0].tolist() == pytest.approx(item_loss, rel=1e-5)
