@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     # One state dict for both: {"generator": {...}, "discriminator": {...}}.
     torch.save({"model": model.state_dict(), "optim": wrappers.state_dict()}, args.checkpoint)
     restored = build_optim_wrapper(GAN(), cfg)
-    restored.load_state_dict(torch.load(args.checkpoint, map_location=device)["optim"])
+    restored.load_state_dict(torch.load(args.checkpoint, map_location=device, weights_only=True)["optim"])
     skipped = {name: 0 if count is None else int(count.item())
                for name, count in wrappers.skipped_steps.items()}
     print(f"done: {args.steps} iterations, inner counts {restored.inner_count} restored from "

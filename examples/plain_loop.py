@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=num_updates)
 
     if args.resume and os.path.exists(args.checkpoint):
-        checkpoint = torch.load(args.checkpoint, map_location=device)
+        checkpoint = torch.load(args.checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(checkpoint["model"])
         wrapper.load_state_dict(checkpoint["optim"])  # also restores the accumulation counters
         scheduler.load_state_dict(checkpoint["scheduler"])

@@ -8,6 +8,12 @@ from typing import Any
 import torch
 
 
+def total_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all the tensors taken together: the reference for clipping's norm
+    (torch.nn.utils.get_total_norm is torch 2.6+)."""
+    return torch.linalg.vector_norm(torch.cat([t.detach().flatten() for t in tensors]))
+
+
 def assert_same(a: Any, b: Any, path: str = "state") -> None:
     """Nested dicts/lists/tensors are equal, tensors exactly (torch.equal)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):

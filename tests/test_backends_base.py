@@ -95,7 +95,9 @@ def test_hwoptim_device_env_var_wins_and_bad_values_name_it(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
-def test_cuda_unavailable_on_a_cpu_build():
+def test_cuda_unavailable_on_a_cpu_build(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only build, also on a CUDA one
+    monkeypatch.setattr(torch.version, "hip", None)
     cuda = CudaBackend()
     assert not cuda.is_available() and cuda.device_count() == 0
     assert "CPU-only build" in cuda.unavailable_reason()

@@ -64,6 +64,16 @@ def test_auto_picks_the_current_accelerator_and_trains_on_it() -> None:
     assert "torch.accelerator.current_device_index" in mock.call_names()
 
 
+def test_the_mock_brings_torch_accelerator_where_torch_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch older than 2.6 has no torch.accelerator: mock_backend("generic") still works,
+    and takes its stand-in away again."""
+    monkeypatch.delattr(torch, "accelerator")
+    with mock_backend("generic"):
+        backend = get_backend("auto")
+        assert isinstance(backend, GenericBackend) and backend.device_count() == 1
+    assert not hasattr(torch, "accelerator")
+
+
 def test_amp_dtypes_come_from_the_device_module(monkeypatch: pytest.MonkeyPatch) -> None:
     module = types.SimpleNamespace(get_amp_supported_dtype=lambda: [torch.bfloat16])
     monkeypatch.setattr(torch, GENERIC_DEVICE_TYPE, module, raising=False)

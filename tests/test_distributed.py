@@ -29,6 +29,7 @@ from _dist_worker import (
     CLIP,
     EXAMPLE_STEPS,
     FIRST_LAUNCH,
+    FSDP2_MISSING,
     INF_AT,
     INF_ITERS,
     N_ITERS,
@@ -58,6 +59,7 @@ UPDATES = sum(SYNCED)  # 3 updates in 7 micro-batches with windows of 3
 FSDP2_GROUPS = 2
 
 distributed = pytest.mark.dist
+needs_fsdp2 = pytest.mark.skipif(FSDP2_MISSING is not None, reason=FSDP2_MISSING or "")
 
 
 # -- running the ranks once, reading their results -------------------------------------------------
@@ -133,6 +135,7 @@ FSDP2_RUNS = ["fsdp2_mmengine", "fsdp2_inside", "fsdp2_submodules", "fsdp2_compi
 
 
 @distributed
+@needs_fsdp2
 @pytest.mark.parametrize("scenario", FSDP2_RUNS)
 def test_fsdp2_reduce_scatters_only_on_micro_batches_that_update(
     runs: Runs, scenario: str
@@ -143,6 +146,7 @@ def test_fsdp2_reduce_scatters_only_on_micro_batches_that_update(
 
 
 @distributed
+@needs_fsdp2
 @pytest.mark.parametrize("scenario", FSDP2_RUNS)
 def test_fsdp2_gradient_sync_is_back_on_after_the_loop(runs: Runs, scenario: str) -> None:
     for result in runs(scenario):
@@ -150,6 +154,7 @@ def test_fsdp2_gradient_sync_is_back_on_after_the_loop(runs: Runs, scenario: str
 
 
 @distributed
+@needs_fsdp2
 @pytest.mark.parametrize("scenario", FSDP2_RUNS)
 def test_fsdp2_clipping_by_the_global_norm_equals_one_process(runs: Runs, scenario: str) -> None:
     want, want_norms = reference(sgd, range(N_ITERS), ACC, CLIP)
@@ -159,6 +164,7 @@ def test_fsdp2_clipping_by_the_global_norm_equals_one_process(runs: Runs, scenar
 
 
 @distributed
+@needs_fsdp2
 def test_fsdp2_last_grad_norm_is_a_plain_tensor_with_the_global_value(runs: Runs) -> None:
     _, want_norms = reference(sgd, range(N_ITERS), ACC, CLIP)
     for result in runs("fsdp2_mmengine"):
@@ -167,12 +173,14 @@ def test_fsdp2_last_grad_norm_is_a_plain_tensor_with_the_global_value(runs: Runs
 
 
 @distributed
+@needs_fsdp2
 def test_fsdp2_fp16_use_fsdp_gives_the_sharded_scaler(runs: Runs) -> None:
     for result in runs("fsdp2_fp16_sharded_scaler"):
         assert result["scaler"] == "torch.distributed.fsdp.sharded_grad_scaler.ShardedGradScaler"
 
 
 @distributed
+@needs_fsdp2
 def test_fsdp2_fp16_an_inf_on_one_rank_skips_the_step_on_all(runs: Runs) -> None:
     skipped_step = [i != INF_AT for i in range(INF_ITERS)]
     for result in runs("fsdp2_fp16_sharded_scaler"):
@@ -181,6 +189,7 @@ def test_fsdp2_fp16_an_inf_on_one_rank_skips_the_step_on_all(runs: Runs) -> None
 
 
 @distributed
+@needs_fsdp2
 def test_fsdp2_fp16_loss_scale_is_identical_on_every_rank(runs: Runs) -> None:
     scales = [result["scales"] for result in runs("fsdp2_fp16_sharded_scaler")]
     assert scales[0] == scales[1]
@@ -189,6 +198,7 @@ def test_fsdp2_fp16_loss_scale_is_identical_on_every_rank(runs: Runs) -> None:
 
 
 @distributed
+@needs_fsdp2
 def test_fsdp2_fused_optimizer_skips_an_inf_on_one_rank_on_all(runs: Runs) -> None:
     for result in runs("fsdp2_fused_overflow"):
         assert result["changed"] == [i != INF_AT for i in range(INF_ITERS)]
@@ -199,6 +209,7 @@ def test_fsdp2_fused_optimizer_skips_an_inf_on_one_rank_on_all(runs: Runs) -> No
 
 
 @distributed
+@needs_fsdp2
 def test_fsdp2_fused_optimizer_ends_where_one_process_without_the_bad_step_ends(
     runs: Runs,
 ) -> None:
@@ -440,7 +451,7 @@ EXAMPLE_DONE = (
 
 
 @distributed
-@pytest.mark.parametrize("example", ["ddp.py", "fsdp2.py"])
+@pytest.mark.parametrize("example", ["ddp.py", pytest.param("fsdp2.py", marks=needs_fsdp2)])
 def test_example_trains_on_two_processes_with_the_backends_collective_library(
     runs: Runs, example: str
 ) -> None:

@@ -120,13 +120,13 @@ def test_plain_loop_resumes_exactly_from_its_checkpoint(dtype, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "stopped after 8 micro-batches" in out
     # The last checkpoint is at the end of the last whole window before the stop.
-    assert torch.load(interrupted)["optim"]["hwoptim"]["inner_count"] == 6
+    assert torch.load(interrupted, weights_only=True)["optim"]["hwoptim"]["inner_count"] == 6
 
     plain_loop.main([*common, "--checkpoint", str(interrupted), "--resume"])
     out = capsys.readouterr().out
     assert "at micro-batch 6" in out and "done: 13 micro-batches, 5 optimizer updates" in out
     # Model, optimizer, loss scaler, counters and lr schedule: bit for bit the same.
-    assert_same(torch.load(straight), torch.load(interrupted))
+    assert_same(torch.load(straight, weights_only=True), torch.load(interrupted, weights_only=True))
 
 
 def test_plain_loop_logs_the_loss_scale_under_float16(tmp_path, capsys):

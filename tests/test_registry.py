@@ -121,12 +121,20 @@ def test_torch_names_that_are_no_accelerator_are_unknown(spec: str) -> None:
         ("privateuseone", r"no usable 'privateuseone' accelerator.*current accelerator is none"),
     ],
 )
-def test_an_unavailable_backend_says_what_is_missing(name: str, message: str) -> None:
+def test_an_unavailable_backend_says_what_is_missing(
+    name: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cls = list_backends().get(name)
     if cls is not None and cls().is_available():
         pytest.skip(f"{name} is available here")
     if name == "npu" and importlib.util.find_spec("torch_npu") is not None:
         pytest.skip("torch_npu is installed here")
+    # What a CPU-only build of torch says, also on a CUDA build without a GPU (whose
+    # torch.accelerator names cuda all the same).
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    if hasattr(torch, "accelerator"):
+        monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
     with pytest.raises(RuntimeError, match=rf"the '{name}' backend is not available: .*{message}"):
         get_backend(name)
 

@@ -29,8 +29,22 @@ def cpu(mock: VendorMock) -> None:
 
 @register_stand_in("cuda")
 def cuda(mock: VendorMock) -> None:
-    """torch.cuda with the mock's GPUs (bf16 supported, as on Ampere and newer)."""
-    mock.patch(torch, "cuda", mock.device_module("torch.cuda", real=torch.cuda))
+    """torch.cuda with the mock's GPUs (bf16 supported, as on Ampere and newer).
+
+    No stream is capturing a CUDA graph: torch's optimizers ask, once CUDA is available,
+    through torch.cuda.is_current_stream_capturing() or (torch 2.13+)
+    torch.accelerator.current_stream().is_capturing(). On a CUDA build of torch without a
+    GPU the real ones would reach the driver.
+    """
+    device = mock.device_module(
+        "torch.cuda", real=torch.cuda, is_current_stream_capturing=lambda: False
+    )
+    mock.patch(torch, "cuda", device)
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "current_stream"):
+        stream = mock.namespace("torch.cuda.Stream", is_capturing=lambda: False)
+        current_stream = mock.record("torch.accelerator.current_stream", lambda device=None: stream)
+        mock.patch(accelerator, "current_stream", current_stream)
 
 
 @register_stand_in("xpu")
@@ -83,10 +97,14 @@ GENERIC_DEVICE_TYPE = "privateuseone"
 
 @register_stand_in("generic", backend=GENERIC_DEVICE_TYPE)
 def generic(mock: VendorMock) -> None:
-    """torch.accelerator reporting a PrivateUse1 device that no backend claims."""
+    """torch.accelerator reporting a PrivateUse1 device that no backend claims.
+
+    Also on a torch without torch.accelerator (older than 2.6): the stand-in is then all
+    there is, as it would be on a torch that has it.
+    """
     accelerator = mock.device_module(
         "torch.accelerator",
-        real=torch.accelerator,
+        real=getattr(torch, "accelerator", None),
         current_accelerator=lambda check_available=False: torch.device(GENERIC_DEVICE_TYPE),
     )
     # torch.accelerator names two of the device-module functions differently.
