@@ -37,6 +37,28 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
 SCENARIO_TIMEOUT = 120.0
 
 
+
+def _fsdp2_missing() -> str | None:
+    """What this torch lacks to run FSDP2 on CPU processes (gloo), or None if nothing."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no public torch.distributed.fsdp.fully_shard (FSDP2, torch 2.6+)"
+    if not hasattr(torch.cpu.Stream, "record_event"):  # FSDP2 records events on its streams
+        return f"torch {torch.__version__}'s FSDP2 cannot run on CPU: torch.cpu.Stream has no record_event"
+    return None
+
+
+#: why FSDP2 (and so HSDP and FSDP2 + tensor parallel) cannot run here, or None
+FSDP2_MISSING = _fsdp2_missing()
+
+
+def runnable(scenarios: Sequence[str]) -> list[str]:
+    """The scenarios this torch can run: those of FSDP2 (named fsdp2 or hsdp) only where it
+    can run on CPU; their tests skip, saying why (``FSDP2_MISSING``)."""
+    return [n for n in scenarios if not (FSDP2_MISSING and ("fsdp2" in n or "hsdp" in n))]
+
+
 # -- in the pytest process -----------------------------------------------------------------
 
 

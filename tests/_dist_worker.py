@@ -13,7 +13,14 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from _dist_harness import REDUCE_SCATTER, counting, counting_reduce_scatter, ddp_with_counter, launch
+from _dist_harness import (
+    REDUCE_SCATTER,
+    counting,
+    counting_reduce_scatter,
+    ddp_with_counter,
+    launch,
+    runnable,
+)
 from torch import nn
 from torch.nn import functional as F
 
@@ -28,22 +35,6 @@ SYNCED = [False, False, True, False, False, True, True]
 CLIP = dict(max_norm=0.5)
 #: the iteration at which one rank's gradient shard is made inf in the overflow scenarios
 INF_AT, INF_RANK, INF_ITERS = 2, 1, 4
-
-
-
-def _fsdp2_missing() -> str | None:
-    """What this torch lacks to run FSDP2 on CPU processes (gloo), or None if nothing."""
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return f"torch {torch.__version__} has no public torch.distributed.fsdp.fully_shard (FSDP2, torch 2.6+)"
-    if not hasattr(torch.cpu.Stream, "record_event"):  # FSDP2 records events on its streams
-        return f"torch {torch.__version__}'s FSDP2 cannot run on CPU: torch.cpu.Stream has no record_event"
-    return None
-
-
-#: why the FSDP2 scenarios cannot run here, or None
-FSDP2_MISSING = _fsdp2_missing()
 
 
 # -- shared by the workers and the single-process references in the tests -----------------------
@@ -483,11 +474,8 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
 
 #: the scenarios that resume in fresh processes: a second launch runs them
 RESUMED = ["ddp_resumed", "ddp_resumed_mid"]
-#: every scenario the first launch runs (the FSDP2 ones where this torch can)
-FIRST_LAUNCH = [
-    name for name in SCENARIOS
-    if name not in RESUMED and not ("fsdp2" in name and FSDP2_MISSING)
-]
+#: every scenario the first launch runs (those this torch can)
+FIRST_LAUNCH = runnable([name for name in SCENARIOS if name not in RESUMED])
 
 if __name__ == "__main__":  # for debugging a scenario by hand: python tests/_dist_worker.py NAME
     import sys

@@ -23,13 +23,12 @@ from typing import Any
 
 import pytest
 import torch
-from _dist_harness import Runs
+from _dist_harness import FSDP2_MISSING, Runs
 from _dist_worker import (
     ACC,
     CLIP,
     EXAMPLE_STEPS,
     FIRST_LAUNCH,
-    FSDP2_MISSING,
     INF_AT,
     INF_ITERS,
     N_ITERS,
@@ -59,7 +58,12 @@ UPDATES = sum(SYNCED)  # 3 updates in 7 micro-batches with windows of 3
 FSDP2_GROUPS = 2
 
 distributed = pytest.mark.dist
-needs_fsdp2 = pytest.mark.skipif(FSDP2_MISSING is not None, reason=FSDP2_MISSING or "")
+needs_fsdp2 = pytest.mark.skipif(FSDP2_MISSING is not None, reason=str(FSDP2_MISSING))
+
+
+def sharded(*case: Any) -> Any:
+    """A parametrize case of an FSDP2 scenario: skipped where FSDP2 cannot run."""
+    return pytest.param(*case, marks=needs_fsdp2)
 
 
 # -- running the ranks once, reading their results -------------------------------------------------
@@ -221,7 +225,7 @@ def test_fsdp2_fused_optimizer_ends_where_one_process_without_the_bad_step_ends(
 
 # -- item-weighted accumulation (num_items) ------------------------------------------------------
 
-ITEMS_RUNS = ["ddp_num_items", "fsdp2_num_items", "hsdp_num_items"]
+ITEMS_RUNS = ["ddp_num_items", sharded("fsdp2_num_items"), sharded("hsdp_num_items")]
 
 
 def items_reference() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -266,10 +270,10 @@ def test_num_items_over_ranks_equals_one_process_on_all_items_of_each_window(
         # DDP: one bucket all-reduce (through dist.all_reduce) and the count's
         ("ddp_num_items", 1, 2),
         # FSDP2: reduce-scatters per Linear; the count is the only all-reduce
-        ("fsdp2_num_items", FSDP2_GROUPS, 1),
+        sharded("fsdp2_num_items", FSDP2_GROUPS, 1),
         # HSDP (replicate 2, shard 1): an all-reduce per Linear over replicas, the clip's
         # agreement on a non-finite norm over the mesh, and the count's
-        ("hsdp_num_items", 0, FSDP2_GROUPS + 2),
+        sharded("hsdp_num_items", 0, FSDP2_GROUPS + 2),
     ],
 )
 def test_num_items_adds_one_all_reduce_per_update_and_none_while_accumulating(
@@ -281,6 +285,7 @@ def test_num_items_adds_one_all_reduce_per_update_and_none_while_accumulating(
 
 
 @distributed
+@needs_fsdp2
 def test_num_items_with_fp16_and_the_sharded_scaler_is_close_to_one_process(runs: Runs) -> None:
     want, want_losses, _ = items_reference()
     for result in runs("fsdp2_fp16_num_items"):
@@ -292,6 +297,7 @@ def test_num_items_with_fp16_and_the_sharded_scaler_is_close_to_one_process(runs
 
 
 @distributed
+@needs_fsdp2
 def test_hsdp_sums_item_counts_in_one_collective_over_every_replica_and_shard(runs: Runs) -> None:
     for result in runs("hsdp_num_items"):
         assert result["reduction"] == "ItemsReduction(groups=(None,), divisor=2.0)"
@@ -451,7 +457,7 @@ EXAMPLE_DONE = (
 
 
 @distributed
-@pytest.mark.parametrize("example", ["ddp.py", pytest.param("fsdp2.py", marks=needs_fsdp2)])
+@pytest.mark.parametrize("example", ["ddp.py", sharded("fsdp2.py")])
 def test_example_trains_on_two_processes_with_the_backends_collective_library(
     runs: Runs, example: str
 ) -> None:

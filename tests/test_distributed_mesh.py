@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from _dist_harness import Runs
+from _dist_harness import FSDP2_MISSING, Runs, runnable
 from _dist_mesh_worker import (
     ACC,
     CLIP,
@@ -39,6 +39,7 @@ from _dist_mesh_worker import (
 from _dist_worker import params_of, sgd
 
 pytestmark = pytest.mark.dist
+needs_fsdp2 = pytest.mark.skipif(FSDP2_MISSING is not None, reason=str(FSDP2_MISSING))
 
 #: FSDP2 reduces each sharded parameter group (the two Linear layers) once per update
 GROUPS = 2
@@ -47,7 +48,7 @@ PATTERNS = ["mmengine", "inside"]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    return Runs.start(tmp_path_factory.mktemp("mesh"), "_dist_mesh_worker", list(SCENARIOS), WORLD_SIZE)
+    return Runs.start(tmp_path_factory.mktemp("mesh"), "_dist_mesh_worker", runnable(SCENARIOS), WORLD_SIZE)
 
 
 def assert_close(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> None:
@@ -71,6 +72,7 @@ ALL_REDUCES = {"hsdp": GROUPS + 1, "fsdp2_tp": 1}
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("kind", ["hsdp", "fsdp2_tp"])
+@needs_fsdp2
 def test_mesh_gradient_collectives_run_only_on_micro_batches_that_update(
     runs: Runs, kind: str, pattern: str
 ) -> None:
@@ -81,6 +83,7 @@ def test_mesh_gradient_collectives_run_only_on_micro_batches_that_update(
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("kind", ["hsdp", "fsdp2_tp"])
+@needs_fsdp2
 def test_mesh_training_equals_one_process_on_the_data_parallel_batches(
     runs: Runs, kind: str, pattern: str
 ) -> None:
@@ -92,6 +95,7 @@ def test_mesh_training_equals_one_process_on_the_data_parallel_batches(
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("kind", ["hsdp", "fsdp2_tp"])
+@needs_fsdp2
 def test_mesh_last_grad_norm_is_the_global_norm_on_every_rank(
     runs: Runs, kind: str, pattern: str
 ) -> None:
@@ -107,6 +111,7 @@ def test_mesh_last_grad_norm_is_the_global_norm_on_every_rank(
 
 
 @pytest.mark.parametrize("run", list(FAULT_RUNS))
+@needs_fsdp2
 def test_hsdp_a_fault_on_one_replica_after_the_reduce_skips_the_step_on_every_rank(
     runs: Runs, run: str
 ) -> None:
@@ -127,6 +132,7 @@ def test_hsdp_a_fault_on_one_replica_after_the_reduce_skips_the_step_on_every_ra
 
 
 @pytest.mark.parametrize("run", list(FAULT_RUNS))
+@needs_fsdp2
 def test_hsdp_after_the_skipped_fault_training_goes_on_as_without_the_bad_step(
     runs: Runs, run: str
 ) -> None:
@@ -191,4 +197,4 @@ def test_a_scenario_failing_on_one_rank_reports_itself_and_the_next_ones_still_r
         runs("fails_on_one_rank")
     assert runs.failure is None
     assert next(iter(SCENARIOS)) == "fails_on_one_rank"  # every other scenario ran after it
-    assert len(runs("hsdp_mmengine")) == WORLD_SIZE
+    assert len(runs("ddp_frozen_unused_mmengine")) == WORLD_SIZE  # runs on every torch
