@@ -203,7 +203,10 @@ def _total_norm_fn() -> _TotalNormFn:
         norms = [torch.linalg.vector_norm(g.detach(), norm_type).to(device) for g in grads]
         norm = torch.linalg.vector_norm(torch.stack(norms), norm_type)
         if error and not bool(torch.isfinite(norm)):
-            raise RuntimeError(f"the total gradient norm is {norm}, so it cannot be clipped")
+            raise RuntimeError(
+                f"the total gradient norm is non-finite ({norm}), so it cannot be clipped "
+                "(clip_grad error_if_nonfinite=True)"
+            )
         return cast(Tensor, norm)
 
     return fallback

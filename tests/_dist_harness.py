@@ -46,6 +46,10 @@ def _fsdp2_missing() -> str | None:
         return f"torch {torch.__version__} has no public torch.distributed.fsdp.fully_shard (FSDP2, torch 2.6+)"
     if not hasattr(torch.cpu.Stream, "record_event"):  # FSDP2 records events on its streams
         return f"torch {torch.__version__}'s FSDP2 cannot run on CPU: torch.cpu.Stream has no record_event"
+    # gloo reduces with ReduceOp.AVG (FSDP2's reduce-scatter op) from torch 2.8; nothing
+    # in Python tells, hence the version
+    if torch.__version__ < (2, 8):  # type: ignore[operator]
+        return f"torch {torch.__version__}'s gloo has no ReduceOp.AVG, which FSDP2 reduce-scatters with (torch 2.8+)"
     return None
 
 
@@ -161,8 +165,17 @@ def run_rank(
         finally:
             with contextlib.suppress(Exception):  # whatever state a failure left it in
                 if dist.is_initialized():
+                    if _GLOO_RELEASES_WORK_LATE:
+                        time.sleep(0.1)
                     dist.destroy_process_group()
             _wait_for_all(folder, f"{run_id}-{name}", rank, world_size)
+
+
+#: torch before 2.9 (seen on 2.4 to 2.7): gloo's threads drop a finished collective's
+#: tensors a moment after its result is out, and need the GIL for it; destroying the
+#: group meanwhile holds the GIL and waits for those threads, a deadlock. There is nothing
+#: to test for, hence the version; sleeping first lets the threads finish.
+_GLOO_RELEASES_WORK_LATE = torch.__version__ < (2, 9)  # type: ignore[operator]
 
 
 def _wait_for_all(folder: Path, key: str, rank: int, world_size: int) -> None:
@@ -219,7 +232,6 @@ def counting_reduce_scatter() -> contextlib.AbstractContextManager[list[int]]:
 
 def ddp_with_counter(model: torch.nn.Module, **ddp_kwargs: Any) -> tuple[torch.nn.Module, list[int]]:
     """DDP over ``model`` whose every all-reduce passes a counting comm hook."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(model, **ddp_kwargs)
@@ -228,7 +240,15 @@ def ddp_with_counter(model: torch.nn.Module, **ddp_kwargs: Any) -> tuple[torch.n
     # No annotations: DDP checks them, and postponed (string) annotations fail its check.
     def counting_allreduce(state, bucket):  # type: ignore[no-untyped-def]
         calls[0] += 1
-        return default_hooks.allreduce_hook(state, bucket)
+        # default_hooks.allreduce_hook's work, done synchronously: its Python callback on
+        # the collective's future can deadlock older torch (seen on 2.4 to 2.7) when the
+        # process group is destroyed while gloo's thread still holds the callback (the
+        # destructor keeps the GIL and joins that thread, which waits for the GIL).
+        tensor = bucket.buffer().div_(dist.get_world_size())
+        dist.all_reduce(tensor)
+        future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        future.set_result(tensor)
+        return future
 
     ddp.register_comm_hook(None, counting_allreduce)
     return ddp, calls

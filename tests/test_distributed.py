@@ -273,14 +273,16 @@ def test_num_items_over_ranks_equals_one_process_on_all_items_of_each_window(
         sharded("fsdp2_num_items", FSDP2_GROUPS, 1),
         # HSDP (replicate 2, shard 1): an all-reduce per Linear over replicas, the clip's
         # agreement on a non-finite norm over the mesh, and the count's
-        sharded("hsdp_num_items", 0, FSDP2_GROUPS + 2),
+        # (no reduce-scatter over a shard group of one; torch 2.9 and older still run it)
+        sharded("hsdp_num_items", (0, FSDP2_GROUPS), FSDP2_GROUPS + 2),
     ],
 )
 def test_num_items_adds_one_all_reduce_per_update_and_none_while_accumulating(
-    runs: Runs, scenario: str, grad_collectives: int, all_reduces: int
+    runs: Runs, scenario: str, grad_collectives: int | tuple[int, ...], all_reduces: int
 ) -> None:
+    allowed = grad_collectives if isinstance(grad_collectives, tuple) else (grad_collectives,)
     for result in runs(scenario):
-        assert result["grad_collectives"] == [grad_collectives * s for s in SYNCED]
+        assert any(result["grad_collectives"] == [n * s for s in SYNCED] for n in allowed)
         assert result["all_reduces"] == [all_reduces * s for s in SYNCED]
 
 

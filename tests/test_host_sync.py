@@ -137,7 +137,8 @@ def train(
         rows = (y[:, 0] == y[:, 0]).sum() if num_items == "tensor" else len(y)  # int64 tensor
         with detector:
             with wrapper.optim_context(model):
-                out = model(x)
+                # the loss in float32: torch 2.9 and older cannot backward mse_loss(bf16, fp32)
+                out = model(x).float()
             if num_items is None:
                 wrapper.update_params(nn.functional.mse_loss(out, y))
             else:
