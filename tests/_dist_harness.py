@@ -46,10 +46,14 @@ def _fsdp2_missing() -> str | None:
         return f"torch {torch.__version__} has no public torch.distributed.fsdp.fully_shard (FSDP2, torch 2.6+)"
     if not hasattr(torch.cpu.Stream, "record_event"):  # FSDP2 records events on its streams
         return f"torch {torch.__version__}'s FSDP2 cannot run on CPU: torch.cpu.Stream has no record_event"
-    # gloo reduces with ReduceOp.AVG (FSDP2's reduce-scatter op) from torch 2.8; nothing
-    # in Python tells, hence the version
-    if torch.__version__ < (2, 8):  # type: ignore[operator]
-        return f"torch {torch.__version__}'s gloo has no ReduceOp.AVG, which FSDP2 reduce-scatters with (torch 2.8+)"
+    # FSDP2 reduce-scatters with ReduceOp.AVG: gloo refuses it before torch 2.8 and sums
+    # instead of averaging in 2.8 (gradients twice too large on 2 ranks). Nothing in
+    # Python tells, hence the version.
+    if torch.__version__ < (2, 9):  # type: ignore[operator]
+        return (
+            f"torch {torch.__version__}'s gloo does not average with ReduceOp.AVG, which FSDP2 "
+            "reduce-scatters with (refused before 2.8, a sum in 2.8; right from 2.9)"
+        )
     return None
 
 
