@@ -46,13 +46,13 @@ def _fsdp2_missing() -> str | None:
         return f"torch {torch.__version__} has no public torch.distributed.fsdp.fully_shard (FSDP2, torch 2.6+)"
     if not hasattr(torch.cpu.Stream, "record_event"):  # FSDP2 records events on its streams
         return f"torch {torch.__version__}'s FSDP2 cannot run on CPU: torch.cpu.Stream has no record_event"
-    # FSDP2 reduce-scatters with ReduceOp.AVG: gloo refuses it before torch 2.8 and sums
-    # instead of averaging in 2.8 (gradients twice too large on 2 ranks). Nothing in
-    # Python tells, hence the version.
+    # FSDP2 reduces gradients with ReduceOp.AVG: before torch 2.9 gloo's reduce_scatter
+    # sums with it (gradients twice too large on 2 ranks), and before 2.8 its all_reduce
+    # refuses it. Nothing in Python tells, hence the version.
     if torch.__version__ < (2, 9):  # type: ignore[operator]
         return (
-            f"torch {torch.__version__}'s gloo does not average with ReduceOp.AVG, which FSDP2 "
-            "reduce-scatters with (refused before 2.8, a sum in 2.8; right from 2.9)"
+            f"torch {torch.__version__}'s gloo sums where FSDP2 asks reduce_scatter for "
+            "ReduceOp.AVG (averages from torch 2.9)"
         )
     return None
 
