@@ -12,11 +12,12 @@ import math
 import warnings
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor
 
+from hwoptim._numbers import as_float, check_int, check_real, given
 from hwoptim.backends.base import Backend, dtype_name
 from hwoptim.backends.registry import DeviceSpec, get_backend
 from hwoptim.num_items import ItemsGroup
@@ -24,43 +25,118 @@ from hwoptim.wrapper import OptimWrapper
 
 LossScale = Union[str, float, int, Mapping[str, Any], None]
 
-_SCALER_ARGS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled")
-_SCALER_STATE_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 _LOSS_SCALE_HELP = (
     "loss_scale must be of type float (or int) for a fixed scale, dict of GradScaler "
     "arguments, None (off) or 'dynamic'"
 )
 
 
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+# Each GradScaler argument, and each value of its state dict, with what it must be: torch
+# checks none of these, so a bad one writes NaN into the weights (a scale of 0), skips every
+# step (inf/nan) or fails only at the first step.
+def _check_scale(value: Any, what: str) -> float:
+    return check_real(value, what, "a positive finite number", lambda x: _finite(x) and x > 0)
+
+
+def _check_growth_factor(value: Any, what: str) -> float:
+    return check_real(value, what, "a finite number > 1 (the scale grows by it)",
+                      lambda x: _finite(x) and x > 1)
+
+
+def _check_backoff_factor(value: Any, what: str) -> float:
+    return check_real(value, what, "a number between 0 and 1, both excluded (the scale "
+                      "shrinks by it after an overflow)", lambda x: 0 < x < 1)
+
+
+def _check_growth_interval(value: Any, what: str) -> int:
+    return check_int(value, what, 1)
+
+
+def _check_enabled(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be True or False; got {given(value)}")
+    return value
+
+
+_SCALER_ARGS: dict[str, Callable[[Any, str], Any]] = {
+    "init_scale": _check_scale,
+    "growth_factor": _check_growth_factor,
+    "backoff_factor": _check_backoff_factor,
+    "growth_interval": _check_growth_interval,
+    "enabled": _check_enabled,
+}
+_SCALER_STATE: dict[str, Callable[[Any, str], Any]] = {
+    "scale": _check_scale,
+    "growth_factor": _check_growth_factor,
+    "backoff_factor": _check_backoff_factor,
+    "growth_interval": _check_growth_interval,
+    "_growth_tracker": lambda value, what: check_int(value, what, 0),
+}
+
+
 def parse_loss_scale(
     loss_scale: LossScale, dtype: torch.dtype
 ) -> tuple[dict[str, Any] | None, float | None]:
-    """(GradScaler kwargs or None for no scaler, the fixed scale or None for dynamic)."""
+    """(GradScaler kwargs or None for no scaler, the fixed scale or None for dynamic).
+
+    Every value is checked here, once: a number of any real type (numpy scalars too) is
+    turned into a plain float or int, so the scaler never sees a value it would choke on
+    at the first step.
+    """
     if loss_scale is None:
         return None, None
     if isinstance(loss_scale, str):
         if loss_scale != "dynamic":
             raise TypeError(f"{_LOSS_SCALE_HELP}, but got {loss_scale!r}")
         return ({} if dtype == torch.float16 else None), None
-    if isinstance(loss_scale, bool):
-        raise TypeError(f"{_LOSS_SCALE_HELP}, but got {loss_scale!r}")
-    if isinstance(loss_scale, (int, float)):
-        scale = float(loss_scale)
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"a fixed loss_scale must be a positive finite number; got {loss_scale!r}")
-        return {"init_scale": scale}, scale
     if isinstance(loss_scale, Mapping):
-        unknown = sorted(set(map(str, loss_scale)) - set(_SCALER_ARGS))
+        unknown = sorted(map(repr, set(loss_scale) - set(_SCALER_ARGS)))
         if unknown:
             raise ValueError(
-                f"loss_scale dict has unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"loss_scale dict has unknown key(s) {', '.join(unknown)}; "
                 f"GradScaler takes {', '.join(_SCALER_ARGS)}"
             )
-        kwargs = dict(loss_scale)
+        kwargs = {
+            key: _SCALER_ARGS[key](value, f"loss_scale[{key!r}]")
+            for key, value in loss_scale.items()
+        }
         if kwargs.get("enabled", True) is False:
             return None, None
         return kwargs, None
-    raise TypeError(f"{_LOSS_SCALE_HELP}, but got {loss_scale!r}")
+    if as_float(loss_scale) is None:
+        raise TypeError(f"{_LOSS_SCALE_HELP}, but got {given(loss_scale)}")
+    scale = check_real(loss_scale, "a fixed loss_scale", "a positive finite number",
+                       lambda x: _finite(x) and x > 0)
+    return {"init_scale": scale}, scale
+
+
+def check_scaler_state(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A GradScaler state dict from a checkpoint, every value checked: a copy with plain
+    numbers, ready for ``load_state_dict``; or a ValueError naming the bad entry.
+
+    torch's ``GradScaler.load_state_dict`` checks nothing: a scale of "abc", 0, nan or None
+    loads silently and fails (or turns the weights NaN) steps later.
+    """
+    missing = [k for k in _SCALER_STATE if k not in saved]
+    if missing:
+        raise ValueError(f"state dict entry 'loss_scaler' lacks {', '.join(map(repr, missing))}")
+    state = dict(saved)  # vendor scalers may keep more keys: passed on as they are
+    for key, check in _SCALER_STATE.items():
+        state[key] = check(saved[key], f"state dict entry loss_scaler[{key!r}]")
+    # The scaler counts in an int32 tensor and grows the scale when the count reaches
+    # growth_interval: a count at or past it would never grow the scale again.
+    limit = min(state["growth_interval"], 2**31 - 1)
+    if state["_growth_tracker"] >= limit:
+        raise ValueError(
+            "state dict entry loss_scaler['_growth_tracker'] must be below its "
+            f"growth_interval ({state['growth_interval']}) and 2**31 - 1; "
+            f"got {state['_growth_tracker']}"
+        )
+    return state
 
 
 class AmpOptimWrapper(OptimWrapper):
@@ -234,13 +310,13 @@ class AmpOptimWrapper(OptimWrapper):
                 stacklevel=3,
             )
             return plan
-        missing = [k for k in _SCALER_STATE_KEYS if k not in saved]
-        if missing:
-            raise ValueError(f"state dict entry 'loss_scaler' lacks {', '.join(map(repr, missing))}")
-        plan["loss_scaler"] = dict(saved)
+        plan["loss_scaler"] = check_scaler_state(saved)
         return plan
 
     def _apply_state_dict(self, state_dict: Mapping[str, Any], plan: dict[str, Any]) -> None:
+        # The optimizer loads first: it is the one part whose load checks more than
+        # _check_state_dict did, and it changes nothing when it fails. The scaler's values
+        # are checked and plain numbers by now, so loading them cannot fail half-way.
         super()._apply_state_dict(state_dict, plan)
         if "loss_scaler" in plan:
             self.loss_scaler.load_state_dict(plan["loss_scaler"])

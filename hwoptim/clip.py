@@ -15,6 +15,7 @@ from typing import Any, Callable, cast
 import torch
 from torch import Tensor
 
+from hwoptim._numbers import check_positive
 from hwoptim.backends.base import unwrap_compiled
 
 ClipFn = Callable[[Sequence[Tensor]], Tensor]
@@ -27,13 +28,7 @@ _REQUIRED = {"norm": "max_norm", "value": "clip_value"}
 
 
 def _number(kind: str, key: str, value: Any, *, allow_inf: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"clip_grad {kind!r}: {key} must be a number; got {value!r}")
-    number = float(value)
-    if math.isnan(number) or number <= 0 or (math.isinf(number) and not allow_inf):
-        bound = "a positive number (or inf)" if allow_inf else "a positive finite number"
-        raise ValueError(f"clip_grad {kind!r}: {key} must be {bound}; got {value!r}")
-    return number
+    return check_positive(value, f"clip_grad {kind!r}: {key}", allow_inf=allow_inf)
 
 
 def _flag(kind: str, key: str, value: Any, *, allow_none: bool = False) -> bool | None:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from hwoptim._numbers import as_int, check_int
 from hwoptim.backends.base import has_gradient_sync, skip_gradient_sync, unwrap_compiled
 from hwoptim.clip import ClipFn, ClipGrad, parse_clip_grad
 from hwoptim.num_items import (
@@ -44,10 +45,9 @@ _GROUP_PARAMS = operator.itemgetter("params")
 
 
 def check_accumulative_counts(value: Any) -> int:
-    """accumulative_counts must be an int >= 1 (bools and floats are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"accumulative_counts must be an int >= 1; got {value!r}")
-    return value
+    """accumulative_counts as an int >= 1: any integer type (np.int64 too); bools and
+    floats are refused."""
+    return check_int(value, "accumulative_counts", 1)
 
 
 def _takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
@@ -242,7 +242,7 @@ class OptimWrapper:
                 "optimizer must be a torch.optim.Optimizer (build one first, or use "
                 f"hwoptim.build_optim_wrapper with a config); got {type(optimizer).__name__}"
             )
-        check_accumulative_counts(accumulative_counts)
+        accumulative_counts = check_accumulative_counts(accumulative_counts)
         clip = parse_clip_grad(clip_grad)
         if isinstance(num_items_group, str) and num_items_group not in ("auto", "local"):
             raise ValueError(
@@ -662,12 +662,12 @@ class OptimWrapper:
         otherwise, and on BatchNorm with accumulation (batch statistics see micro-batches,
         not the whole window).
         """
-        if isinstance(init_counts, bool) or not isinstance(init_counts, int) or init_counts < 0:
-            raise ValueError(f"init_counts must be an int >= 0; got {init_counts!r}")
-        if max_counts is not None and (
-            isinstance(max_counts, bool) or not isinstance(max_counts, int) or max_counts < 0
-        ):
-            raise ValueError(f"max_counts must be an int >= 0 or None; got {max_counts!r}")
+        init_counts = check_int(init_counts, "init_counts", 0)
+        if max_counts is not None:
+            number = as_int(max_counts)
+            if number is None or number < 0:
+                raise ValueError(f"max_counts must be an int >= 0 or None; got {max_counts!r}")
+            max_counts = number
         if max_counts is not None and init_counts > max_counts:
             raise ValueError(
                 f"init_counts ({init_counts}) is past max_counts ({max_counts}); "
@@ -998,10 +998,9 @@ class OptimWrapper:
             )
         except KeyError as exc:
             raise ValueError(f"state dict entry {STATE_KEY!r} lacks {exc.args[0]!r}") from None
-        for name, value, low in (("inner_count", inner, 0), ("max_counts", max_counts, -1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"state dict {STATE_KEY}.{name} must be an int >= {low}; got {value!r}")
-        check_accumulative_counts(acc)
+        inner = check_int(inner, f"state dict {STATE_KEY}.inner_count", 0)
+        max_counts = check_int(max_counts, f"state dict {STATE_KEY}.max_counts", -1)
+        acc = check_int(acc, f"state dict {STATE_KEY}.accumulative_counts", 1)
         if acc != self._accumulative_counts:
             warnings.warn(
                 f"the checkpoint was saved with accumulative_counts={acc}; this wrapper uses "

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
+import re
 import warnings
 from unittest import mock
 
 import pytest
 import torch
-from helpers import total_norm
+from helpers import assert_same, total_norm
 from torch import nn
 
 from hwoptim import AmpOptimWrapper, OptimWrapper, get_backend
@@ -113,6 +115,51 @@ def test_bad_fixed_loss_scales(bad):
 def test_unknown_loss_scale_dict_key():
     with pytest.raises(ValueError, match=r"unknown key.*'init'; GradScaler takes init_scale"):
         AmpOptimWrapper(adamw(make_model()), device="cpu", loss_scale={"init": 2.0})
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "allowed"),
+    [
+        ("init_scale", 0, "a positive finite number"),
+        ("init_scale", -1.0, "a positive finite number"),
+        ("init_scale", float("inf"), "a positive finite number"),
+        ("init_scale", float("nan"), "a positive finite number"),
+        ("init_scale", "a", "a positive finite number"),
+        ("init_scale", True, "a positive finite number"),
+        ("growth_factor", 1.0, "a finite number > 1"),
+        ("growth_factor", 0.5, "a finite number > 1"),
+        ("growth_factor", float("inf"), "a finite number > 1"),
+        ("backoff_factor", 1.0, "a number between 0 and 1"),
+        ("backoff_factor", 0, "a number between 0 and 1"),
+        ("backoff_factor", float("nan"), "a number between 0 and 1"),
+        ("growth_interval", 1.5, "an int >= 1"),
+        ("growth_interval", 0, "an int >= 1"),
+        ("growth_interval", True, "an int >= 1"),
+        ("enabled", 1, "True or False"),
+        ("enabled", "yes", "True or False"),
+    ],
+)
+def test_every_loss_scale_dict_value_is_checked_at_construction(key, bad, allowed):
+    # torch checks none of these: a scale of 0 wrote NaN into the weights, inf/nan skipped
+    # every step, and "a" or growth_interval=1.5 failed only at the first step.
+    optimizer = adamw(make_model())
+    with pytest.raises(ValueError, match=rf"loss_scale\['{key}'\] must be {allowed}.*got {re.escape(repr(bad))}"):
+        AmpOptimWrapper(optimizer, device="cpu", dtype="float16", loss_scale={key: bad})
+
+
+def test_numpy_scalars_are_accepted_for_every_loss_scale_value():
+    np = pytest.importorskip("numpy")
+    wrapper = AmpOptimWrapper(
+        adamw(make_model()), device="cpu", dtype="float16",
+        loss_scale={"init_scale": np.float32(64), "growth_factor": np.float64(4.0),
+                    "backoff_factor": np.float16(0.25), "growth_interval": np.int64(3)},
+    )
+    scaler = wrapper.loss_scaler
+    assert (scaler.get_scale(), scaler.get_growth_factor(), scaler.get_backoff_factor(),
+            scaler.get_growth_interval()) == (64.0, 4.0, 0.25, 3)
+    assert type(scaler._init_scale) is float and type(scaler._growth_interval) is int
+    fixed = AmpOptimWrapper(adamw(make_model()), device="cpu", loss_scale=np.int32(512))
+    assert fixed._scale_update_param == 512.0 and type(fixed._scale_update_param) is float
 
 
 def test_device_forms():
@@ -358,6 +405,67 @@ def test_a_malformed_scaler_state_raises_before_anything_changes():
     with pytest.raises(ValueError, match="lacks '_growth_tracker'"):
         fresh.load_state_dict(state)
     assert fresh.get_lr() == {"lr": [0.7]}
+
+
+def snapshot(wrapper: AmpOptimWrapper) -> dict:
+    return {
+        "optimizer": copy.deepcopy(wrapper.optimizer.state_dict()),
+        "counters": (wrapper._inner_count, wrapper._max_counts, wrapper._remainder_counts),
+        "scaler": wrapper.loss_scaler.state_dict(),
+        "scale": wrapper.loss_scale if wrapper.loss_scale is None else wrapper.loss_scale.clone(),
+    }
+
+
+BAD_SCALER_STATES = [
+    ("scale", "abc"), ("scale", 0), ("scale", -4.0), ("scale", math.nan), ("scale", math.inf),
+    ("scale", None), ("scale", torch.tensor(8.0)), ("growth_factor", 1.0), ("growth_factor", "2"),
+    ("backoff_factor", 2.0), ("growth_interval", 0), ("growth_interval", 2.5),
+    ("_growth_tracker", "x"), ("_growth_tracker", -1), ("_growth_tracker", 1.5),
+    ("_growth_tracker", 2000), ("_growth_tracker", None),
+]
+
+
+@pytest.mark.parametrize(("key", "bad"), BAD_SCALER_STATES)
+@pytest.mark.parametrize("trained", [False, True], ids=["fresh", "trained"])
+def test_a_bad_scaler_value_raises_and_loads_nothing(key, bad, trained):
+    _, source = trained_fp16()
+    state = source.state_dict()
+    state["hwoptim"]["inner_count"] = 12
+    state["param_groups"][0]["lr"] = 0.3
+    state["loss_scaler"][key] = bad
+    target_model = make_model(1)
+    target = AmpOptimWrapper(adamw(target_model, lr=0.7), device="cpu", dtype="float16",
+                             loss_scale={"init_scale": 32.0})
+    if trained:  # its scaler and optimizer state exist: a half-applied load would show
+        target.initialize_count_status(target_model, 0, 100)
+        target.update_params(loss_of(target_model, 5))
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=rf"loss_scaler\['{key}'\] must be"):
+        target.load_state_dict(state)
+    after = snapshot(target)
+    assert_same(after["optimizer"], before["optimizer"], "optimizer")
+    assert after["counters"] == before["counters"]
+    assert after["scaler"] == before["scaler"]
+    assert (after["scale"] is None) is (before["scale"] is None)
+    if trained:
+        assert torch.equal(after["scale"], before["scale"])
+    # and the wrapper still trains with its own scale
+    target.update_params(loss_of(target_model, 6))
+    assert target.loss_scaler.get_scale() == 32.0
+
+
+def test_numpy_values_in_a_saved_scaler_state_load_as_plain_numbers():
+    np = pytest.importorskip("numpy")
+    _, source = trained_fp16()
+    state = source.state_dict()
+    state["loss_scaler"].update(scale=np.float32(64.0), _growth_tracker=np.int64(3))
+    state["hwoptim"]["inner_count"] = np.int64(4)
+    target = AmpOptimWrapper(adamw(make_model()), device="cpu", dtype="float16")
+    target.load_state_dict(state)
+    loaded = target.loss_scaler.state_dict()
+    assert (loaded["scale"], loaded["_growth_tracker"]) == (64.0, 3)
+    assert type(target.loss_scaler._init_scale) is float and target.inner_count == 4
+    assert type(target.inner_count) is int
 
 
 def test_an_empty_scaler_entry_keeps_the_current_scale():

@@ -61,6 +61,26 @@ def test_bad_configs(cfg, error, match):
         ClipGrad(cfg)
 
 
+def test_numpy_scalars_are_numbers_and_become_plain_floats():
+    np = pytest.importorskip("numpy")
+    norm = ClipGrad(dict(max_norm=np.float32(1.5), norm_type=np.int64(1)))
+    value = ClipGrad(dict(type="value", clip_value=np.float16(0.5)))
+    assert norm.kwargs == {"max_norm": 1.5, "norm_type": 1.0}
+    assert value.kwargs == {"clip_value": 0.5}
+    assert {type(v) for v in (*norm.kwargs.values(), *value.kwargs.values())} == {float}
+    assert ClipGrad(dict(max_norm=np.float64("inf"))).max_norm == math.inf
+
+
+@pytest.mark.parametrize(
+    "bad", ["np.bool_(True)", "np.float32(0)", "np.float64('nan')", "np.array(1.0)", "torch.tensor(1.0)"]
+)
+def test_what_is_no_positive_number_is_refused_whatever_its_type(bad):
+    np = pytest.importorskip("numpy")
+    value = eval(bad, {"np": np, "torch": torch})
+    with pytest.raises(ValueError, match="max_norm must be a"):
+        ClipGrad(dict(max_norm=value))
+
+
 def test_the_config_is_not_mutated():
     cfg = dict(type="norm", max_norm=1.0)
     ClipGrad(cfg)

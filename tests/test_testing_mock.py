@@ -216,6 +216,13 @@ def test_device_count_must_be_a_positive_int(count: Any) -> None:
         mock_backend("npu", device_count=count)
 
 
+def test_device_count_may_be_any_integer_type() -> None:
+    np = pytest.importorskip("numpy")
+    with mock_backend("npu", device_count=np.int64(2)) as mock:
+        assert mock.device_count == 2 and type(mock.device_count) is int
+        assert mock.backend.device_count() == 2
+
+
 def test_a_failing_stand_in_undoes_what_it_did(monkeypatch: pytest.MonkeyPatch) -> None:
     def half_done(mock: VendorMock) -> None:
         mock.patch(torch, "half_done", object())

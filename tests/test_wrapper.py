@@ -232,6 +232,29 @@ def test_initialize_count_status_rejects_bad_counts(init, max_counts, match):
     assert wrapper._max_counts == -1  # nothing half-applied
 
 
+def test_numpy_integers_are_counts_and_become_plain_ints():
+    np = pytest.importorskip("numpy")
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model), accumulative_counts=np.int64(3))
+    wrapper.initialize_count_status(model, np.int32(3), np.uint16(8))
+    assert (wrapper.accumulative_counts, wrapper.inner_count, wrapper._max_counts) == (3, 3, 8)
+    assert {type(wrapper.accumulative_counts), type(wrapper.inner_count), type(wrapper._max_counts)} == {int}
+    assert wrapper.state_dict()["hwoptim"] == {"inner_count": 3, "max_counts": 8, "accumulative_counts": 3}
+
+
+@pytest.mark.parametrize("bad", ["np.bool_(True)", "np.float64(2.0)", "np.array(2)", "torch.tensor(2)"])
+def test_what_is_no_integer_is_no_count_whatever_its_type(bad):
+    np = pytest.importorskip("numpy")
+    value = eval(bad, {"np": np, "torch": torch})
+    with pytest.raises(ValueError, match="accumulative_counts must be an int >= 1"):
+        OptimWrapper(sgd(make_model()), accumulative_counts=value)
+    wrapper = OptimWrapper(sgd(make_model()))
+    with pytest.raises(ValueError, match="init_counts must be an int >= 0"):
+        wrapper.initialize_count_status(None, value, None)
+    with pytest.raises(ValueError, match="max_counts must be an int >= 0 or None"):
+        wrapper.initialize_count_status(None, 0, value)
+
+
 def test_inner_count_is_read_only():
     wrapper = OptimWrapper(sgd(make_model()))
     with pytest.raises(AttributeError):

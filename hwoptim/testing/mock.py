@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple, overload
 
 import torch
 
+from hwoptim._numbers import check_int
 from hwoptim.backends import registry
 from hwoptim.backends.base import Backend
 
@@ -110,8 +111,7 @@ def mock_backend(name: str, *, device_count: int = 1, select: bool = True) -> Ve
             wrapper = AmpOptimWrapper(optimizer, device="auto")   # the npu backend
             assert "torch_npu.npu.amp.GradScaler" in mock.call_names()
     """
-    if isinstance(device_count, bool) or not isinstance(device_count, int) or device_count < 1:
-        raise ValueError(f"device_count must be an int >= 1; got {device_count!r}")
+    device_count = check_int(device_count, "device_count", 1)
     install, backend_name = _find_stand_in(name)
     return VendorMock(name, backend_name, install, device_count=device_count, select=select)
 
