@@ -34,8 +34,10 @@ def environment_report() -> dict[str, Any]:
     backends = []
     for cls, origin in classes:
         try:
-            facts = cls().describe()
-        except Exception as exc:  # a report must never fail on one bad backend
+            backend = cls()
+            registry.is_available(backend)  # one whose check raises is reported by name
+            facts = backend.describe()
+        except (Exception, SystemExit) as exc:  # a report must never fail on one bad backend
             facts = {"name": cls.name, "available": False, "reason": f"describe() failed: {exc!r}"}
         facts["origin"] = origin
         backends.append(facts)

@@ -146,3 +146,63 @@ def plugin_dist(
             """,
         },
     )
+
+
+MISBEHAVING = """
+    import sys
+
+    from hwoptim import Backend
+
+    class WordyPriority(Backend):
+        name = "wordy"
+        device_type = "wordy"
+        priority = "high"
+
+    class Raising(Backend):
+        name = "raising"
+        device_type = "raising"
+        priority = 90
+
+        def is_available(self):
+            raise OSError("driver handshake failed")
+
+    class Exiting(Backend):
+        name = "exiting"
+        device_type = "exiting"
+        priority = 80
+
+        def is_available(self):
+            sys.exit(3)
+
+    class ExitingVendor(Backend):
+        name = "exitvendor"
+        device_type = "exitvendor"
+        priority = 70
+        vendor_module = "fake_exiting_vendor"
+
+    class Fine(Backend):
+        name = "fine"
+        device_type = "fine"
+"""
+
+
+@pytest.fixture
+def misbehaving_plugins(
+    make_plugin_dist: Callable[[str, dict[str, str]], None], fresh_registry: None
+) -> None:
+    """A plugin distribution whose backends break the rules: a priority that is no number,
+    is_available() raising or calling sys.exit(), a vendor import calling sys.exit()."""
+    make_plugin_dist(
+        """
+        [hwoptim.backends]
+        wordy = fake_bad:WordyPriority
+        raising = fake_bad:Raising
+        exiting = fake_bad:Exiting
+        exitvendor = fake_bad:ExitingVendor
+        fine = fake_bad:Fine
+        """,
+        {
+            "fake_bad": MISBEHAVING,
+            "fake_exiting_vendor": "import sys\nsys.exit('no driver found')\n",
+        },
+    )

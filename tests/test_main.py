@@ -154,3 +154,14 @@ def test_env_text_says_when_torch_is_a_rocm_build(
     monkeypatch.setattr(torch.version, "hip", "6.2.41133")
     assert main(["env"]) == 0
     assert "cuda: ROCm 6.2.41133: AMD GPUs appear as device type 'cuda'" in capsys.readouterr().out
+
+
+def test_env_reports_misbehaving_plugins_by_name(misbehaving_plugins, capsys):
+    with pytest.warns(RuntimeWarning):
+        assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "device='auto' picks: cpu" in out
+    assert "wordy: TypeError: WordyPriority.priority must be a number" in out
+    assert "raising: is_available() raised OSError: driver handshake failed" in out
+    assert "exiting: is_available() raised" in out and "sys.exit(3)" in out
+    assert "fine" in out

@@ -203,3 +203,79 @@ def test_register_backend_checks_what_it_is_given(fresh_registry: None) -> None:
 
     with pytest.raises(ValueError, match="must set both 'name' and 'device_type'"):
         register_backend(Nameless)
+
+
+# -- plugins that misbehave are reported by name and left out ---------------------------------
+
+def test_a_plugin_whose_priority_is_no_number_is_reported_by_name_and_left_out(
+    misbehaving_plugins: None,
+) -> None:
+    with pytest.warns(RuntimeWarning, match=r"plugin 'wordy'.*WordyPriority\.priority must be a number.*'high'"):
+        backends = list_backends()
+    assert "wordy" not in backends and {"fine", "raising", "cpu"} <= set(backends)
+    assert ("wordy", "TypeError: WordyPriority.priority must be a number (higher is tried first "
+            "by device='auto'); got 'high'") in plugin_errors()
+
+
+def test_a_plugin_whose_is_available_raises_is_left_out_of_auto(misbehaving_plugins: None) -> None:
+    with pytest.warns(RuntimeWarning) as caught:
+        assert get_backend("auto").name == "cpu"
+    messages = [str(w.message) for w in caught]
+    assert any("'raising'" in m and "is_available() raised" in m and "driver handshake" in m
+               for m in messages)
+    assert any("'exiting'" in m and "sys.exit(3)" in m for m in messages)
+    errors = dict(plugin_errors())
+    assert "OSError: driver handshake failed" in errors["raising"]
+    assert "sys.exit(3)" in errors["exiting"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once, not at every lookup
+        assert get_backend("auto").name == "cpu"
+        with pytest.raises(RuntimeError, match=r"'raising' backend is not available: its is_available\(\) raised"):
+            get_backend("raising")
+
+
+def test_a_vendor_import_that_calls_sys_exit_makes_its_backend_unavailable(
+    misbehaving_plugins: None,
+) -> None:
+    with pytest.warns(RuntimeWarning):
+        list_backends()
+    message = r"fake_exiting_vendor is installed but failed to import: SystemExit: no driver found"
+    with pytest.raises(RuntimeError, match=message):
+        get_backend("exitvendor")
+
+
+# -- names: lower case, looked up case-insensitively ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "match"),
+    [
+        ("MyDev", ValueError, r"MyDev.*has capitals.*use 'mydev'"),
+        ("my:dev", ValueError, "cannot be looked up"),
+        ("my dev", ValueError, "cannot be looked up"),
+        ("auto", ValueError, "cannot be looked up.*not 'auto'"),
+        (3, TypeError, "must be a non-empty str"),
+    ],
+)
+def test_a_name_get_backend_could_not_find_is_refused(
+    fresh_registry: None, name: object, error: type[Exception], match: str
+) -> None:
+    cls = type("Odd", (Backend,), {"name": name, "device_type": "odd"})
+    with pytest.raises(error, match=match):
+        register_backend(cls)
+    assert "odd" not in {c.device_type for c in list_backends().values()}
+
+
+def test_every_lookup_ignores_case(fresh_registry: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    class MyDev(CpuBackend):
+        name = "mydev"
+
+    register_backend(MyDev)
+    assert type(get_backend("MyDev")) is MyDev and type(get_backend("MYDEV:0")) is MyDev
+    assert backend_origin("MyDev") == "user"
+    monkeypatch.setenv(registry.ENV_VAR, "MyDev")
+    assert type(get_backend("auto")) is MyDev
+    with mock_backend("NPU") as mock:
+        assert mock.name == "npu" and get_backend("auto").name == "npu"
+    assert unregister_backend("MyDev") is MyDev
+    assert "mydev" not in list_backends()

@@ -306,3 +306,11 @@ def test_a_built_in_stand_in_is_replaced_only_on_purpose(monkeypatch: pytest.Mon
     with mock_backend("npu"):
         assert get_backend("auto").name == "npu"
     assert installed == ["npu"]
+
+
+def test_a_stand_in_name_get_backend_could_not_find_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"'MyDev' has capitals.*use 'mydev'"):
+        register_stand_in("MyDev", lambda mock: None)
+    with pytest.raises(ValueError, match="has capitals"):
+        register_stand_in("mydev", lambda mock: None, backend="MyDev")
+    assert "mydev" not in stand_in_names()

@@ -126,7 +126,9 @@ class Backend:
             return importlib.import_module(self.vendor_module), None
         except ImportError as exc:
             return None, f"{self.vendor_module} is not installed ({exc})"
-        except Exception as exc:  # installed but broken: vendor libraries missing, version clash
+        # Installed but broken: vendor libraries missing, a version clash, or an import
+        # that calls sys.exit() (some vendor packages do when no driver is found).
+        except (Exception, SystemExit) as exc:
             return None, (
                 f"{self.vendor_module} is installed but failed to import: "
                 f"{type(exc).__name__}: {exc}"
@@ -272,12 +274,16 @@ class Backend:
 
     def describe(self) -> dict[str, Any]:
         """The facts `python -m hwoptim env` prints about this backend."""
-        available = self.is_available()
+        try:
+            available = self.is_available()
+            reason = None if available else self.unavailable_reason()
+        except (Exception, SystemExit) as exc:  # a report must never fail
+            available, reason = False, f"is_available() raised {type(exc).__name__}: {exc}"
         facts: dict[str, Any] = {
             "name": self.name,
             "device_type": self.device_type,
             "available": available,
-            "reason": None if available else self.unavailable_reason(),
+            "reason": reason,
             "device_count": self.device_count() if available else 0,
             "devices": [],
             "amp_dtypes": [dtype_name(d) for d in self.amp_dtypes],

@@ -2,11 +2,18 @@
 
 Built-ins are registered on first use; third-party packages add theirs through the
 entry-point group ``hwoptim.backends``, loaded lazily on the first lookup. A plugin that
-fails to load is reported by name in a warning and never breaks the others.
+fails to load, declares a bad class (a name that cannot be looked up, a priority that
+is no number), or whose ``is_available()`` raises is reported by name in a warning and
+left out; it never breaks the others, nor ``device="auto"``.
+
+Names are lower case, and every lookup (``get_backend``, ``HWOPTIM_DEVICE``,
+``unregister_backend``, ``backend_origin``, ``mock_backend``) is case-insensitive: a
+name with capitals could be listed but never found, so registering one is refused.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
@@ -14,6 +21,7 @@ from typing import Any, Union
 
 import torch
 
+from hwoptim._numbers import as_float
 from hwoptim.backends.base import Backend
 
 ENTRY_POINT_GROUP = "hwoptim.backends"
@@ -27,8 +35,10 @@ _registry: dict[str, type[Backend]] = {}
 _origins: dict[str, str] = {}
 _builtins_loaded = False
 _plugins_loaded = False
-#: entry points that failed to load: (entry point name, error text)
+#: entry points that failed to load, and backends whose is_available() raised: (name, error)
 _plugin_errors: list[tuple[str, str]] = []
+#: backend classes whose own code raised where it must not, with why (see is_available)
+_broken: dict[type[Backend], str] = {}
 #: set by hwoptim.testing.mock_backend: the backend name "auto" must return (a stack)
 _auto_override: list[str] = []
 #: set by hwoptim.testing.mock_backend: backends whose tensors stay on the CPU
@@ -47,6 +57,15 @@ def register_backend(
         raise TypeError(f"register_backend takes a Backend subclass; got {cls!r}")
     if not cls.name or not cls.device_type:
         raise ValueError(f"{cls.__name__} must set both 'name' and 'device_type'")
+    check_name(cls.name, f"{cls.__name__}.name")
+    if not isinstance(cls.device_type, str):
+        raise TypeError(f"{cls.__name__}.device_type must be a str; got {cls.device_type!r}")
+    priority = as_float(cls.priority)
+    if priority is None or math.isnan(priority):
+        raise TypeError(
+            f"{cls.__name__}.priority must be a number (higher is tried first by "
+            f"device='auto'); got {cls.priority!r}"
+        )
     with _lock:
         _ensure_builtins()
         existing = _registry.get(cls.name)
@@ -63,12 +82,13 @@ def register_backend(
 
 def unregister_backend(name: str) -> type[Backend]:
     """Remove a backend by name and return it (built-ins come back with ``override``)."""
+    key = name.lower() if isinstance(name, str) else name
     with _lock:
         _ensure_builtins()
-        if name not in _registry:
+        if key not in _registry:
             raise ValueError(f"no backend named {name!r}; registered: {_names()}")
-        _origins.pop(name, None)
-        return _registry.pop(name)
+        _origins.pop(key, None)
+        return _registry.pop(key)
 
 
 def list_backends() -> dict[str, type[Backend]]:
@@ -83,11 +103,12 @@ def backend_origin(name: str) -> str:
     """Where backend ``name`` came from: "built-in", the plugin's distribution, or "user"."""
     with _lock:
         _ensure_loaded()
-        return _origins.get(name, "unknown")
+        return _origins.get(name.lower(), "unknown")
 
 
 def plugin_errors() -> list[tuple[str, str]]:
-    """Entry points of the ``hwoptim.backends`` group that failed to load, with the error."""
+    """Entry points of the ``hwoptim.backends`` group that failed to load, and backends
+    whose ``is_available()`` raised, each with the error."""
     with _lock:
         _ensure_loaded()
         return list(_plugin_errors)
@@ -145,10 +166,10 @@ def _resolve(name: str, index: int | None) -> Backend:
     else:
         backend = cls(index)
     _apply_mock(backend)
-    if not backend.is_available():
-        raise RuntimeError(
-            f"the {backend.name!r} backend is not available: {backend.unavailable_reason()}"
-        )
+    if not is_available(backend):
+        broken = _broken.get(type(backend))
+        reason = broken if broken is not None else backend.unavailable_reason()
+        raise RuntimeError(f"the {backend.name!r} backend is not available: {reason}")
     if index is not None:
         count = backend.device_count()
         if index >= count:
@@ -182,16 +203,69 @@ def _auto() -> Backend:
             backend = generic() if generic is not None else None
         if backend is not None:
             _apply_mock(backend)
-            if backend.is_available():
+            if is_available(backend):
                 return backend
     for cls in list_backends().values():
         if cls.name == "cpu":
             continue
-        backend = cls()
+        try:
+            backend = cls()
+        except Exception as exc:  # a plugin's __init__ is its own code too
+            _report_broken(cls, "__init__()", exc)
+            continue
         _apply_mock(backend)
-        if backend.is_available():
+        if is_available(backend):
             return backend
     return _resolve("cpu", None)
+
+
+def is_available(backend: Backend) -> bool:
+    """``backend.is_available()``, held to its promise never to raise.
+
+    A backend (a plugin's, most likely) whose check raises -- or whose vendor import calls
+    ``sys.exit()`` -- counts as unavailable, is reported once by name with the error, and
+    is listed in ``plugin_errors()``; "auto" then moves on to the next backend.
+    """
+    try:
+        return bool(backend.is_available())
+    except (Exception, SystemExit) as exc:
+        _report_broken(type(backend), "is_available()", exc)
+        return False
+
+
+def _report_broken(cls: type[Backend], what: str, exc: BaseException) -> None:
+    with _lock:
+        if cls in _broken:
+            return
+        origin = _origins.get(cls.name, "unknown")
+        error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SystemExit) else (
+            f"it called sys.exit({exc.code!r})"
+        )
+        _broken[cls] = f"its {what} raised ({error}); it is left out"
+        _plugin_errors.append((cls.name, f"{what} raised {error}"))
+    warnings.warn(
+        f"hwoptim backend {cls.name!r} ({origin}): {what} raised and the backend is left "
+        f"out: {error}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def check_name(name: Any, what: str) -> str:
+    """A backend (or stand-in) name as registered: a lower-case word ``get_backend`` can find."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{what} must be a non-empty str; got {name!r}")
+    if name != name.lower():
+        raise ValueError(
+            f"{what} {name!r} has capitals: backend names are lower case, since every "
+            f"lookup (get_backend, HWOPTIM_DEVICE, mock_backend) ignores case; use {name.lower()!r}"
+        )
+    if name != name.strip() or ":" in name or any(c.isspace() for c in name) or name == "auto":
+        raise ValueError(
+            f"{what} {name!r} cannot be looked up: a backend name has no ':' nor spaces "
+            "(get_backend reads 'name:index') and is not 'auto'"
+        )
+    return name
 
 
 def _current_accelerator() -> str | None:
@@ -277,7 +351,7 @@ def _ensure_plugins() -> None:
                     _origins[cls.name] = origin  # the plugin registered itself on import
                     continue
                 register_backend(cls, override=bool(getattr(cls, "override", False)), origin=origin)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a vendor import may even call sys.exit()
             message = f"{type(exc).__name__}: {exc}"
             _plugin_errors.append((ep.name, message))
             warnings.warn(
@@ -295,5 +369,6 @@ def _reset_for_tests() -> None:
         _registry.clear()
         _origins.clear()
         _plugin_errors.clear()
+        _broken.clear()
         _builtins_loaded = False
         _plugins_loaded = False

@@ -78,6 +78,10 @@ def register_stand_in(
     that is taken is a ValueError unless ``override=True``.
     """
 
+    registry.check_name(name, "the stand-in name")
+    if backend is not None:
+        registry.check_name(backend, "the stand-in's backend name")
+
     def add(function: StandIn) -> StandIn:
         with _lock:
             if name in _stand_ins and _stand_ins[name][0] is not function and not override:
@@ -112,6 +116,8 @@ def mock_backend(name: str, *, device_count: int = 1, select: bool = True) -> Ve
             assert "torch_npu.npu.amp.GradScaler" in mock.call_names()
     """
     device_count = check_int(device_count, "device_count", 1)
+    if isinstance(name, str):
+        name = name.strip().lower()  # names are matched case-insensitively, as get_backend does
     install, backend_name = _find_stand_in(name)
     return VendorMock(name, backend_name, install, device_count=device_count, select=select)
 
