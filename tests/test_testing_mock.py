@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 import types
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -192,6 +193,43 @@ def test_leaving_mocks_out_of_order_is_refused() -> None:
         inner.__exit__(None, None, None)
         outer.__exit__(None, None, None)
     assert active_mocks() == [] and not hasattr(torch, "npu")
+
+
+def test_a_mock_cannot_start_while_another_thread_holds_one() -> None:
+    # Two threads each in a mock could end them out of order: the first one then stayed
+    # active for the rest of the process (import torch_npu worked, auto picked npu).
+    entered, release = threading.Event(), threading.Event()
+    seen: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            with mock_backend("npu"):
+                entered.set()
+                release.wait(timeout=30)
+                seen.append(get_backend("auto").name)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+            entered.set()
+
+    thread = threading.Thread(target=worker, name="trainer")
+    thread.start()
+    try:
+        assert entered.wait(timeout=30)
+        assert get_backend("auto").name == "npu"  # the mock is process-wide: visible here too
+        message = (r"mock_backend\('cuda'\) cannot start on thread 'MainThread' "
+                   r"while mock_backend\('npu'\) is active on thread 'trainer'")
+        with pytest.raises(RuntimeError, match=message), mock_backend("cuda"):
+            pass  # pragma: no cover
+    finally:
+        release.set()
+        thread.join(timeout=30)
+    assert errors == [] and seen == ["npu"]
+    assert active_mocks() == [] and "npu" not in registry._mocked
+    assert get_backend("auto").name == "cpu" and not hasattr(torch, "npu")
+    assert getattr(sys.modules.get("torch_npu"), "__version__", None) != MOCK_VERSION
+    with mock_backend("cuda"):  # and the next mock, on any thread, starts normally
+        assert get_backend("auto").name == "cuda"
 
 
 def test_a_mock_is_used_once() -> None:

@@ -111,6 +111,10 @@ def mock_backend(name: str, *, device_count: int = 1, select: bool = True) -> Ve
     machine with that hardware). Mocks of different backends nest; the innermost
     selecting one wins. Everything is restored on exit, also after an exception.
 
+    A mock changes process-wide state, so every thread sees it, but mocks are started
+    and ended on one thread: starting one while another thread holds a mock is a
+    RuntimeError (otherwise the two could end out of order and one would never be undone).
+
         with mock_backend("npu") as mock:
             wrapper = AmpOptimWrapper(optimizer, device="auto")   # the npu backend
             assert "torch_npu.npu.amp.GradScaler" in mock.call_names()
@@ -144,6 +148,8 @@ class VendorMock:
         self._modules: dict[str, tuple[types.ModuleType, OnImport | None]] = {}
         self._finder: _StandInFinder | None = None
         self._state = "new"
+        #: the thread that entered the mock: others may not start mocks until it ends
+        self._thread: threading.Thread | None = None
 
     # -- for tests -------------------------------------------------------------------------
 
@@ -304,7 +310,18 @@ class VendorMock:
         import torch._dynamo  # noqa: F401
 
         with registry._lock:
+            thread = threading.current_thread()
             for other in _active:
+                if other._thread is not None and other._thread is not thread:
+                    raise RuntimeError(
+                        f"mock_backend({self.name!r}) cannot start on thread {thread.name!r} "
+                        f"while mock_backend({other.name!r}) is active on thread "
+                        f"{other._thread.name!r}: a mock changes process-wide state "
+                        "(torch's device modules, sys.modules, what device='auto' picks), so "
+                        "mocks nest on one thread only, where they end in reverse order. "
+                        "Start them on one thread (threads started inside a mock see it), "
+                        "or end the other mock first"
+                    )
                 if other.name == self.name or other.backend_name == self.backend_name:
                     raise RuntimeError(
                         f"mock_backend({self.name!r}) is already active; a backend cannot be "
@@ -319,6 +336,7 @@ class VendorMock:
             if self.select:
                 registry._auto_override.append(self.backend_name)
             _active.append(self)
+            self._thread = thread
             self._state = "active"
         return self
 
