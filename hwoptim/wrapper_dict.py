@@ -115,6 +115,35 @@ class OptimWrapperDict(OptimWrapper):
         return {name: w.inner_count for name, w in self.optim_wrappers.items()}
 
     @property
+    def accumulative_counts(self) -> dict[str, int]:  # type: ignore[override]
+        """``{name: accumulative_counts}``."""
+        return {name: w.accumulative_counts for name, w in self.optim_wrappers.items()}
+
+    @property
+    def clip_grad_kwargs(self) -> dict[str, dict[str, Any] | None]:  # type: ignore[override]
+        """``{name: clip_grad_kwargs}`` (None where a wrapper does not clip)."""
+        return {name: w.clip_grad_kwargs for name, w in self.optim_wrappers.items()}
+
+    @property
+    def loss_scale(self) -> dict[str, Tensor | None]:  # type: ignore[override]
+        """``{name: loss_scale}`` (None where a wrapper has no scaler)."""
+        return {name: w.loss_scale for name, w in self.optim_wrappers.items()}
+
+    @property
+    def loss_scaler(self) -> dict[str, Any]:
+        """``{name: loss_scaler}`` (None where a wrapper has no scaler)."""
+        return {name: w.loss_scaler for name, w in self.optim_wrappers.items()}
+
+    @property
+    def optimizer(self) -> NoReturn:  # type: ignore[override]
+        """Not here: each wrapper has its own optimizer."""
+        names = ", ".join(repr(n) for n in self.optim_wrappers) or "(none)"
+        raise AttributeError(
+            "OptimWrapperDict has no single optimizer: use wrappers[name].optimizer with "
+            f"name in {names}"
+        )
+
+    @property
     def param_groups(self) -> dict[str, list[dict[str, Any]]]:  # type: ignore[override]
         """``{name: param_groups}``."""
         return {name: w.param_groups for name, w in self.optim_wrappers.items()}

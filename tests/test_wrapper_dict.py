@@ -87,6 +87,45 @@ def test_per_name_views():
     assert wrappers.skipped_steps == wrappers.zeroed_steps == {"generator": None, "discriminator": None}
 
 
+def test_counts_clipping_and_scaling_are_per_name_views():
+    model = GAN()
+    g = OptimWrapper(torch.optim.SGD(model.generator.parameters(), lr=0.1), accumulative_counts=3)
+    d = AmpOptimWrapper(torch.optim.SGD(model.discriminator.parameters(), lr=0.2), device="cpu",
+                        dtype="float16", loss_scale={"init_scale": 64.0}, clip_grad=dict(max_norm=1.0))
+    wrappers = OptimWrapperDict(generator=g, discriminator=d)
+    d.update_params(model.discriminator(torch.ones(1, 2)).sum())
+    assert wrappers.accumulative_counts == {"generator": 3, "discriminator": 1}
+    assert wrappers.clip_grad_kwargs == {"generator": None, "discriminator": {"max_norm": 1.0, "norm_type": 2.0}}
+    assert wrappers.loss_scaler == {"generator": None, "discriminator": d.loss_scaler}
+    scales = wrappers.loss_scale
+    assert scales["generator"] is None and float(scales["discriminator"]) == 64.0
+
+
+def test_the_single_optimizer_says_to_use_the_named_wrappers():
+    _, wrappers, _, _ = make()
+    message = r"no single optimizer: use wrappers\[name\]\.optimizer with name in 'generator', 'discriminator'"
+    with pytest.raises(AttributeError, match=message):
+        wrappers.optimizer  # noqa: B018
+    assert not hasattr(wrappers, "optimizer")
+
+
+def test_every_public_member_of_optim_wrapper_is_a_per_name_view_or_says_what_to_call():
+    model, wrappers, g, _ = make()
+    wrappers["generator"].update_params(model.generator(torch.ones(1, 2)).sum())
+    members = sorted(name for name in dir(g) if not name.startswith("_"))
+    assert {"accumulative_counts", "loss_scale", "optimizer", "update_params"} <= set(members)
+    for name in members:
+        assert name in vars(OptimWrapperDict), f"OptimWrapperDict inherits {name!r} unchanged"
+        if callable(getattr(type(g), name, None)):
+            continue  # methods: overridden (checked above) and tested one by one elsewhere
+        try:
+            value = getattr(wrappers, name)
+        except (AttributeError, NotImplementedError) as exc:
+            assert "wrappers[name]" in str(exc), f"{name}: {exc}"
+        else:
+            assert isinstance(value, dict) and list(value) == ["generator", "discriminator"], name
+
+
 def test_state_dict_per_name_and_round_trip():
     model, wrappers, g, d = make()
     wrappers["generator"].update_params(model.generator(torch.ones(1, 2)).sum())
