@@ -39,6 +39,10 @@ STATE_KEY = "hwoptim"
 #: keys that belong to a wrapper checkpoint but not to the optimizer's state dict
 _WRAPPER_KEYS = frozenset({STATE_KEY, "loss_scaler", "base_param_settings"})
 _EMPTY: Mapping[str, Any] = {}
+#: what a wrapper derives from the model it is bound to; a copy rebuilds it (__getstate__)
+_BINDING = (
+    "_model", "_model_type", "_pending_no_sync", "_skips_sync", "_params", "_n_groups", "_clip_fn",
+)
 #: updates between two folds of the lazily kept skip records into skipped_steps
 _FOLD_EVERY = 256
 _GROUP_PARAMS = operator.itemgetter("params")
@@ -1042,6 +1046,40 @@ class OptimWrapper:
         self._window_loss = loss.to(device, torch.float32, copy=True)
         self._window_items = None if items is None else items.to(device, torch.float32, copy=True)
         self._window_host_items = host_items
+
+    # -- copies: pickle, torch.save, copy.deepcopy ------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy holds: everything but the binding to a model.
+
+        A copy (``pickle``, ``torch.save``, ``copy.deepcopy``) gets its own optimizer with
+        its state, the counters, the clip config, the loss scaler and the logged tensors.
+        It holds no model: the model is the caller's, and copying it along would duplicate
+        the weights or fail (DDP and FSDP modules do not pickle). So, like a new wrapper,
+        a copy learns its model at the next ``optim_context`` or
+        ``initialize_count_status``, and rebuilds from it what derives from it: the clip
+        function (FSDP1 clips through its module), the sync skip, the parameter list. A
+        sync skip entered by a forward whose backward has not run stays with the original.
+        To continue training a copy, copy the model with it, in one call, so that the
+        copied optimizer steps the copied model's parameters::
+
+            model2, wrapper2 = copy.deepcopy((model, wrapper))
+        """
+        state = self.__dict__.copy()
+        for key in _BINDING:
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._model = None
+        self._model_type = None
+        self._pending_no_sync = None
+        self._skips_sync = False
+        self._params = []
+        self._n_groups = -1
+        self._clip_fn = None
+        self._rebuild_clip_fn()
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -212,6 +212,15 @@ class OptimWrapperDict(OptimWrapper):
         for name, wrapper in self.optim_wrappers.items():
             wrapper._apply_state_dict(state_dict[name], plans[name])
 
+    # -- copies ----------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The named wrappers, each copied as OptimWrapper.__getstate__ says."""
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     # -- mapping protocol ------------------------------------------------------------------
 
     def items(self) -> ItemsView[str, OptimWrapper]:

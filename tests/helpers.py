@@ -48,3 +48,25 @@ def run_micro_batches(wrapper: Any, model: Any, steps: int, pattern: str) -> Non
                 wrapper.update_params(model(torch.ones(1, 2)).sum())
         else:
             raise ValueError(f"pattern must be 'mmengine' or 'inside'; got {pattern!r}")
+
+
+#: the ways a wrapper gets copied: pickle (multiprocessing too), torch.save, copy.deepcopy
+COPIES = ("pickle", "torch.save", "deepcopy")
+
+
+def copied(obj: Any, how: str) -> Any:
+    """``obj`` after a round trip through ``how`` (one of COPIES)."""
+    import copy
+    import io
+    import pickle
+
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(obj))
+    if how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+    if how == "deepcopy":
+        return copy.deepcopy(obj)
+    raise ValueError(f"how must be one of {COPIES}; got {how!r}")

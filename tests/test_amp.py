@@ -10,7 +10,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import assert_same, total_norm
+from helpers import COPIES, assert_same, copied, total_norm
 from torch import nn
 
 from hwoptim import AmpOptimWrapper, OptimWrapper, get_backend
@@ -504,6 +504,60 @@ def test_accumulative_counts_and_loss_scale_are_readable_on_every_wrapper():
 def test_repr_names_device_dtype_and_scaler():
     text = repr(AmpOptimWrapper(adamw(make_model()), device="cpu", dtype="float16", loss_scale=8))
     assert "device=cpu" in text and "dtype=float16" in text and "fixed 8.0" in text
+
+
+# -- copies: pickle, torch.save, deepcopy -----------------------------------------------------------------
+
+AMP_COPY_CONFIGS = {
+    "bf16-no-scaler": dict(dtype="bfloat16", clip_grad=dict(max_norm=0.5)),
+    "fp16-dynamic": dict(dtype="float16", loss_scale={"init_scale": 256.0, "growth_interval": 2}),
+    "fp16-dynamic-clip-acc": dict(dtype="float16", loss_scale={"init_scale": 256.0}, accumulative_counts=2,
+                                  clip_grad=dict(max_norm=0.5)),
+    "fp16-fixed": dict(dtype="float16", loss_scale=64.0, clip_grad=dict(type="value", clip_value=0.1)),
+}
+
+
+def train_amp(wrapper: AmpOptimWrapper, model: nn.Module, seeds: range, inf_at: int) -> None:
+    for seed in seeds:
+        with wrapper.optim_context(model):
+            loss = loss_of(model, seed)
+        wrapper.update_params(loss * float("inf") if seed == inf_at else loss)
+
+
+def assert_copy_trains_like_the_original(model: nn.Module, wrapper: AmpOptimWrapper, how: str) -> None:
+    wrapper.initialize_count_status(model, 0, 40)
+    train_amp(wrapper, model, range(4), inf_at=1)
+    model2, wrapper2 = copied((model, wrapper), how)
+    assert type(wrapper2.backend) is type(wrapper.backend) and wrapper2.device == wrapper.device
+    assert type(wrapper2.loss_scaler) is type(wrapper.loss_scaler)
+    for w, m in ((wrapper, model), (wrapper2, model2)):
+        train_amp(w, m, range(4, 10), inf_at=7)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, p2)
+    assert_same(wrapper2.state_dict(), wrapper.state_dict())
+    assert_same(wrapper2.skipped_steps, wrapper.skipped_steps)
+    assert_same(wrapper2.loss_scale, wrapper.loss_scale)
+
+
+@pytest.mark.parametrize("how", COPIES)
+@pytest.mark.parametrize("config", list(AMP_COPY_CONFIGS))
+def test_a_copy_with_its_model_trains_on_exactly_like_the_original(config, how):
+    model = make_model()
+    wrapper = AmpOptimWrapper(adamw(model), device="cpu", **AMP_COPY_CONFIGS[config])
+    assert_copy_trains_like_the_original(model, wrapper, how)
+
+
+@pytest.mark.parametrize("how", COPIES)
+@pytest.mark.parametrize("name", ["npu", "cuda", "generic"])
+def test_a_copy_made_under_a_mock_trains_on_there(name, how):
+    from hwoptim.testing import mock_backend
+
+    with mock_backend(name):
+        model = make_model()
+        wrapper = AmpOptimWrapper(adamw(model), device="auto", dtype="float16", accumulative_counts=2,
+                                  clip_grad=dict(max_norm=0.5))
+        assert wrapper.loss_scaler is not None
+        assert_copy_trains_like_the_original(model, wrapper, how)
 
 
 # -- the same on a real GPU ---------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -130,6 +131,11 @@ def test_a_model_with_its_own_clip_grad_norm_is_clipped_through_it():
 
     fn = ClipGrad(dict(max_norm=1.0, norm_type=1)).clip_fn(Sharded())
     assert float(fn([])) == 11.0
+
+
+def test_a_clip_config_pickles():
+    clip = ClipGrad(dict(max_norm=2.0, norm_type="inf", foreach=False))
+    assert pickle.loads(pickle.dumps(clip)).kwargs == clip.kwargs
 
 
 def test_repr_reads_like_the_config():

@@ -9,7 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import run_micro_batches, total_norm
+from helpers import COPIES, assert_same, copied, run_micro_batches, total_norm
 from torch import nn
 
 from hwoptim import OptimWrapper
@@ -772,3 +772,77 @@ def test_loading_counters_saved_with_another_window_warns():
     wrapper = OptimWrapper(sgd(make_model()), accumulative_counts=2)
     with pytest.warns(UserWarning, match="accumulative_counts=4"):
         wrapper.load_state_dict(saved)
+
+
+# -- copies: pickle, torch.save, deepcopy ------------------------------------------------------
+
+COPY_CONFIGS = {
+    "plain": dict(),
+    "accumulating": dict(accumulative_counts=3),
+    "norm": dict(clip_grad=dict(max_norm=0.5)),
+    "norm-inf-foreach": dict(accumulative_counts=2, clip_grad=dict(max_norm=0.5, norm_type="inf", foreach=True)),
+    "value": dict(accumulative_counts=2, clip_grad=dict(type="value", clip_value=0.05)),
+    "measure-only": dict(clip_grad=dict(max_norm=float("inf"))),
+}
+
+
+def train_micro_batches(wrapper: OptimWrapper, model: nn.Module, seeds: range, inf_at: int = -1) -> None:
+    for seed in seeds:
+        with wrapper.optim_context(model):
+            loss = loss_of(model, seed)
+        if seed == inf_at:
+            loss = loss * float("inf")
+        wrapper.update_params(loss)
+
+
+@pytest.mark.parametrize("how", COPIES)
+@pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused-adamw"])
+@pytest.mark.parametrize("config", list(COPY_CONFIGS))
+def test_a_copy_with_its_model_trains_on_exactly_like_the_original(config, fused, how):
+    model = make_model()
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=0.05, fused=True) if fused
+                 else sgd(model, momentum=0.9))
+    wrapper = OptimWrapper(optimizer, **COPY_CONFIGS[config])
+    wrapper.initialize_count_status(model, 0, 30)
+    guarded = wrapper._clip is not None
+    train_micro_batches(wrapper, model, range(6), inf_at=3 if guarded else -1)
+
+    model2, wrapper2 = copied((model, wrapper), how)
+    assert wrapper2.optimizer is not optimizer
+    assert {id(p) for g in wrapper2.param_groups for p in g["params"]} == {id(p) for p in model2.parameters()}
+    for w, m in ((wrapper, model), (wrapper2, model2)):
+        train_micro_batches(w, m, range(6, 12), inf_at=9 if guarded else -1)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, p2)
+    assert_same(wrapper2.state_dict(), wrapper.state_dict())
+    assert_same(wrapper2.skipped_steps, wrapper.skipped_steps)
+    assert_same(wrapper2.last_grad_norm, wrapper.last_grad_norm)
+    if guarded:
+        assert float(wrapper2.skipped_steps) == 2.0
+
+
+def test_a_copy_holds_no_model_and_binds_the_one_it_is_given():
+    class OwnClip(nn.Module):  # like FSDP1: the module clips its own (sharded) gradients
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 1)
+            self.clipped = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x)
+
+        def clip_grad_norm_(self, max_norm: float, norm_type: float) -> torch.Tensor:
+            self.clipped += 1
+            return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, norm_type)
+
+    model = OwnClip()
+    wrapper = OptimWrapper(sgd(model), clip_grad=dict(max_norm=1.0))
+    wrapper.initialize_count_status(model, 0, 10)
+    alone = copy.deepcopy(wrapper)
+    assert alone._model is None and not any(isinstance(v, nn.Module) for v in vars(alone).values())
+    model2, wrapper2 = copy.deepcopy((model, wrapper))
+    with wrapper2.optim_context(model2):
+        loss = model2(torch.ones(2, 4)).sum()
+    wrapper2.update_params(loss)
+    assert (model.clipped, model2.clipped) == (0, 1)  # the copy clips through its own model
+

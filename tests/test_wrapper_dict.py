@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_same
+from helpers import COPIES, assert_same, copied
 from torch import nn
 
 from hwoptim import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
@@ -185,3 +185,35 @@ def test_wrappers_of_different_kinds_train_independently():
     wrappers["discriminator"].update_params(d_loss)
     assert torch.equal(model.discriminator.weight, before)  # accumulating, not stepped yet
     assert wrappers.inner_count == {"generator": 1, "discriminator": 1}
+
+
+@pytest.mark.parametrize("how", COPIES)
+def test_a_copy_with_its_model_trains_on_exactly_like_the_original(how):
+    def train(wrappers: OptimWrapperDict, model: GAN, seeds: range) -> None:
+        for seed in seeds:
+            x = torch.randn(4, 2, generator=torch.Generator().manual_seed(seed))
+            for name in ("generator", "discriminator"):
+                part = getattr(model, name)
+                with wrappers[name].optim_context(part):
+                    loss = part(x).pow(2).mean()
+                wrappers[name].update_params(loss * float("inf") if seed == 5 else loss)
+
+    model = GAN()
+    wrappers = OptimWrapperDict(
+        generator=OptimWrapper(torch.optim.SGD(model.generator.parameters(), lr=0.1, momentum=0.9),
+                               accumulative_counts=2, clip_grad=dict(max_norm=0.5)),
+        discriminator=AmpOptimWrapper(torch.optim.AdamW(model.discriminator.parameters(), lr=0.1),
+                                      device="cpu", dtype="float16", clip_grad=dict(max_norm=0.5)),
+    )
+    wrappers.initialize_count_status(model, 0, 20)
+    train(wrappers, model, range(4))
+    model2, wrappers2 = copied((model, wrappers), how)
+    assert list(wrappers2) == ["generator", "discriminator"]
+    train(wrappers, model, range(4, 8))
+    train(wrappers2, model2, range(4, 8))
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, p2)
+    assert_same(wrappers2.state_dict(), wrappers.state_dict())
+    assert_same(wrappers2.skipped_steps, wrappers.skipped_steps)
+    assert float(wrappers2.skipped_steps["discriminator"]) >= 1.0  # the inf step at least
+

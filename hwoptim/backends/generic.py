@@ -81,6 +81,11 @@ class GenericBackend(Backend):
         except Exception:
             return {}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The class is made at run time, one per device type (see _generic_class), so pickle
+        # cannot find it by name: a copy rebuilds it from the device type.
+        return (_generic_instance, (self.device_type, self.index), self.__dict__.copy())
+
 
 def generic_backend_for(device_type: str) -> type[Backend] | None:
     """A GenericBackend subclass for ``device_type``, or None.
@@ -106,6 +111,11 @@ def _generic_class(device_type: str) -> type[Backend]:
         "dist_backend": _dist_backend(device_type),
     }
     return type(f"GenericBackend_{device_type}", (GenericBackend,), attrs)
+
+
+def _generic_instance(device_type: str, index: int | None) -> Backend:
+    """A GenericBackend for ``device_type``: how a pickled one comes back."""
+    return _generic_class(device_type)(index)
 
 
 def _is_accelerator_type(device_type: str) -> bool:

@@ -295,10 +295,20 @@ class VendorMock:
                 backoff_factor=backoff_factor, growth_interval=growth_interval, enabled=enabled,
             )
 
-        methods: dict[str, Any] = {"__init__": __init__, "__module__": __name__}
+        # pickle finds a class by module and qualified name: while the mock lasts, this one
+        # is an attribute of _VendorClasses, so a wrapper holding its scaler can be pickled,
+        # torch.save'd and deep-copied inside the mock, as the real one can on real hardware.
+        attribute = qualname.replace(".", "_")
+        methods: dict[str, Any] = {
+            "__init__": __init__,
+            "__module__": __name__,
+            "__qualname__": f"{_VendorClasses.__qualname__}.{attribute}",
+        }
         for method in ("scale", "unscale_", "step", "update", "state_dict", "load_state_dict"):
             methods[method] = _recording_method(self, f"{qualname}.{method}", method)
-        return type(qualname.rsplit(".", 1)[-1], (torch.amp.GradScaler,), methods)
+        cls = type(qualname.rsplit(".", 1)[-1], (torch.amp.GradScaler,), methods)
+        self.patch(_VendorClasses, attribute, cls)
+        return cls
 
     # -- the context manager ---------------------------------------------------------------
 
@@ -382,6 +392,10 @@ def active_mocks() -> list[VendorMock]:
 
 
 # -- internals -------------------------------------------------------------------------
+
+
+class _VendorClasses:
+    """Where pickle finds the classes the active mocks made (see grad_scaler_class)."""
 
 
 class _StandInModule(types.ModuleType):
