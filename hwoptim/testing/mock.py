@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple, overload
 
 import torch
 
-from hwoptim._numbers import check_int
+from hwoptim._numbers import as_int, check_int
 from hwoptim.backends import registry
 from hwoptim.backends.base import Backend
 
@@ -217,7 +217,9 @@ class VendorMock:
         current = [0]
 
         def set_device(device: Any) -> None:
-            index = device if isinstance(device, int) else torch.device(device).index or 0
+            index = as_int(device)
+            if index is None:
+                index = torch.device(device).index or 0
             if not 0 <= index < count:
                 raise RuntimeError(
                     f"{qualname}.set_device({device!r}): the mock has {count} device(s)"
