@@ -846,3 +846,23 @@ def test_a_copy_holds_no_model_and_binds_the_one_it_is_given():
     wrapper2.update_params(loss)
     assert (model.clipped, model2.clipped) == (0, 1)  # the copy clips through its own model
 
+
+@pytest.mark.parametrize("how", COPIES)
+def test_a_copy_taken_between_a_forward_and_its_backward_leaves_the_skip_with_the_original(how):
+    model = RecordingDDP()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+    wrapper.initialize_count_status(model, 0, 4)
+    with wrapper.optim_context(model):
+        loss = model(torch.ones(1, 2)).sum()
+    assert model.syncing is False and wrapper._pending_no_sync is not None  # a generator context
+    model2, wrapper2 = copied((model, wrapper), how)
+    assert wrapper2._pending_no_sync is None and wrapper2._model is None
+    wrapper.update_params(loss)
+    assert model.backward_sync == [False] and model.syncing is True
+    model2.syncing = True  # the copied module's own flag was copied mid-skip
+    before = params_of(model2)
+    assert wrapper2.inner_count == 0  # the copied micro-batch's backward is the original's
+    run_micro_batches(wrapper2, model2, 3, "mmengine")
+    assert wrapper2._model is model2 and wrapper2.inner_count == 3 and model2.syncing is True
+    assert not any(torch.equal(a, b) for a, b in zip(before, params_of(model2)))
+

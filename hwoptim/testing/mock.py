@@ -325,10 +325,11 @@ class VendorMock:
             thread = threading.current_thread()
             for other in _active:
                 if other._thread is not None and other._thread is not thread:
+                    ended = "" if other._thread.is_alive() else ", which ended without leaving it"
                     raise RuntimeError(
                         f"mock_backend({self.name!r}) cannot start on thread {thread.name!r} "
                         f"while mock_backend({other.name!r}) is active on thread "
-                        f"{other._thread.name!r}: a mock changes process-wide state "
+                        f"{other._thread.name!r}{ended}: a mock changes process-wide state "
                         "(torch's device modules, sys.modules, what device='auto' picks), so "
                         "mocks nest on one thread only, where they end in reverse order. "
                         "Start them on one thread (threads started inside a mock see it), "
