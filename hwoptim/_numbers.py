@@ -69,4 +69,7 @@ def given(value: Any) -> str:
     """How a message shows a refused value: its repr, and its type where that is not obvious."""
     if value is None or type(value) in (int, float, str, bool):
         return repr(value)
-    return f"{value!r} ({type(value).__module__}.{type(value).__qualname__})"
+    shown = f"{value!r} ({type(value).__module__}.{type(value).__qualname__})"
+    if not isinstance(value, numbers.Number) and callable(getattr(value, "item", None)):
+        shown += "; a tensor or array is not taken as a number: pass float(x) or int(x)"
+    return shown

@@ -180,6 +180,14 @@ MISBEHAVING = """
         priority = 70
         vendor_module = "fake_exiting_vendor"
 
+    class Unbuildable(Backend):
+        name = "unbuildable"
+        device_type = "unbuildable"
+        priority = 85
+
+        def __init__(self, index=None):
+            raise RuntimeError("no vendor context")
+
     class Fine(Backend):
         name = "fine"
         device_type = "fine"
@@ -199,6 +207,7 @@ def misbehaving_plugins(
         raising = fake_bad:Raising
         exiting = fake_bad:Exiting
         exitvendor = fake_bad:ExitingVendor
+        unbuildable = fake_bad:Unbuildable
         fine = fake_bad:Fine
         """,
         {

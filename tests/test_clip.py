@@ -78,8 +78,10 @@ def test_numpy_scalars_are_numbers_and_become_plain_floats():
 def test_what_is_no_positive_number_is_refused_whatever_its_type(bad):
     np = pytest.importorskip("numpy")
     value = eval(bad, {"np": np, "torch": torch})
-    with pytest.raises(ValueError, match="max_norm must be a"):
+    with pytest.raises(ValueError, match="max_norm must be a") as caught:
         ClipGrad(dict(max_norm=value))
+    if "array" in bad or "tensor" in bad:
+        assert "pass float(x) or int(x)" in str(caught.value)
 
 
 def test_the_config_is_not_mutated():

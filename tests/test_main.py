@@ -164,4 +164,5 @@ def test_env_reports_misbehaving_plugins_by_name(misbehaving_plugins, capsys):
     assert "wordy: TypeError: WordyPriority.priority must be a number" in out
     assert "raising: is_available() raised OSError: driver handshake failed" in out
     assert "exiting: is_available() raised" in out and "sys.exit(3)" in out
+    assert "unbuildable: describe() failed: RuntimeError('no vendor context')" in out
     assert "fine" in out

@@ -224,6 +224,8 @@ def test_a_plugin_whose_is_available_raises_is_left_out_of_auto(misbehaving_plug
     assert any("'raising'" in m and "is_available() raised" in m and "driver handshake" in m
                for m in messages)
     assert any("'exiting'" in m and "sys.exit(3)" in m for m in messages)
+    assert any("'unbuildable'" in m and "__init__() raised" in m and "no vendor context" in m
+               for m in messages)
     errors = dict(plugin_errors())
     assert "OSError: driver handshake failed" in errors["raising"]
     assert "sys.exit(3)" in errors["exiting"]
