@@ -109,8 +109,7 @@ def parse_loss_scale(
         return kwargs, None
     if as_float(loss_scale) is None:
         raise TypeError(f"{_LOSS_SCALE_HELP}, but got {given(loss_scale)}")
-    scale = check_real(loss_scale, "a fixed loss_scale", "a positive finite number",
-                       lambda x: _finite(x) and x > 0)
+    scale = _check_scale(loss_scale, "a fixed loss_scale")
     return {"init_scale": scale}, scale
 
 
