@@ -153,6 +153,25 @@ def test_a_partial_or_unknown_load_raises_before_loading_anything():
     assert fresh_g.get_lr() == {"lr": [0.5]}  # the generator was not loaded either
 
 
+def test_a_bad_scaler_value_in_one_member_loads_no_member():
+    def fp16_pair(lr: float) -> tuple[GAN, OptimWrapperDict]:
+        model = GAN()
+        return model, OptimWrapperDict(
+            generator=OptimWrapper(torch.optim.SGD(model.generator.parameters(), lr=lr)),
+            discriminator=AmpOptimWrapper(torch.optim.SGD(model.discriminator.parameters(), lr=lr),
+                                          device="cpu", dtype="float16", loss_scale={"init_scale": 8.0}),
+        )
+
+    _, source = fp16_pair(0.5)
+    state = source.state_dict()
+    state["discriminator"]["loss_scaler"]["scale"] = float("nan")
+    _, target = fp16_pair(0.1)
+    with pytest.raises(ValueError, match=r"loss_scaler\['scale'\] must be a positive finite number; got nan"):
+        target.load_state_dict(state)
+    assert target.get_lr() == {"generator.lr": [0.1], "discriminator.lr": [0.1]}
+    assert target["discriminator"].loss_scaler.state_dict()["scale"] == 8.0
+
+
 def test_mapping_protocol():
     _, wrappers, g, d = make()
     assert list(wrappers.items()) == [("generator", g), ("discriminator", d)]
