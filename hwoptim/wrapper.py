@@ -39,9 +39,11 @@ STATE_KEY = "hwoptim"
 #: keys that belong to a wrapper checkpoint but not to the optimizer's state dict
 _WRAPPER_KEYS = frozenset({STATE_KEY, "loss_scaler", "base_param_settings"})
 _EMPTY: Mapping[str, Any] = {}
-#: what a wrapper derives from the model it is bound to; a copy rebuilds it (__getstate__)
+#: what a wrapper derives from the model it is bound to (and host-side caches a copy must
+#: not share); a copy rebuilds it (see __getstate__)
 _BINDING = (
     "_model", "_model_type", "_pending_no_sync", "_skips_sync", "_params", "_n_groups", "_clip_fn",
+    "_items_reduction", "_empty_mirror",
 )
 #: updates between two folds of the lazily kept skip records into skipped_steps
 _FOLD_EVERY = 256
@@ -1058,8 +1060,9 @@ class OptimWrapper:
         the weights or fail (DDP and FSDP modules do not pickle). So, like a new wrapper,
         a copy learns its model at the next ``optim_context`` or
         ``initialize_count_status``, and rebuilds from it what derives from it: the clip
-        function (FSDP1 clips through its module), the sync skip, the parameter list. A
-        sync skip entered by a forward whose backward has not run stays with the original.
+        function (FSDP1 clips through its module), the sync skip, the parameter list, the
+        groups ``num_items`` are summed over. A sync skip entered by a forward whose
+        backward has not run stays with the original.
         To continue training a copy, copy the model with it, in one call, so that the
         copied optimizer steps the copied model's parameters::
 
@@ -1079,6 +1082,8 @@ class OptimWrapper:
         self._params = []
         self._n_groups = -1
         self._clip_fn = None
+        self._items_reduction = None  # found again for the model the copy is given
+        self._empty_mirror = None  # pinned host memory of its own
         self._rebuild_clip_fn()
 
     # -- internals ----------------------------------------------------------------------------

@@ -821,6 +821,28 @@ def test_a_copy_with_its_model_trains_on_exactly_like_the_original(config, fused
         assert float(wrapper2.skipped_steps) == 2.0
 
 
+@pytest.mark.parametrize("how", COPIES)
+def test_a_copy_with_num_items_trains_on_exactly_like_the_original(how):
+    def train(w: OptimWrapper, m: nn.Module, seeds: range) -> None:
+        for seed in seeds:
+            with w.optim_context(m):
+                loss = loss_of(m, seed) * (seed % 3 + 1)
+            w.update_params(loss, num_items=seed % 3 + 1)
+
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model, momentum=0.9), accumulative_counts=2, clip_grad=dict(max_norm=1.0))
+    wrapper.initialize_count_status(model, 0, 20)
+    train(wrapper, model, range(4))
+    assert wrapper.skipped_steps is not None and wrapper.last_loss is not None  # builds the mirror
+    model2, wrapper2 = copied((model, wrapper), how)
+    assert wrapper2._items_reduction is None and wrapper2._empty_mirror is None
+    train(wrapper, model, range(4, 8))
+    train(wrapper2, model2, range(4, 8))
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, p2)
+    assert torch.equal(wrapper2.last_loss, wrapper.last_loss)
+
+
 def test_a_copy_holds_no_model_and_binds_the_one_it_is_given():
     class OwnClip(nn.Module):  # like FSDP1: the module clips its own (sharded) gradients
         def __init__(self) -> None:
