@@ -55,6 +55,22 @@ def test_bad_arguments_are_refused_before_anything_changes(name, count, error):
         emulated.install(name, count)
 
 
+def test_device_count_may_be_any_integer_type(monkeypatch):
+    np = pytest.importorskip("numpy")
+
+    class Reached(Exception):
+        pass
+
+    def stop() -> None:
+        raise Reached
+
+    monkeypatch.setattr(emulated, "_check_torch", stop)  # past the argument checks: stop there
+    with pytest.raises(Reached):
+        emulated.install("emu", np.int64(2))
+    with pytest.raises(ValueError, match="device_count must be an int >= 1"):
+        emulated.install("emu", np.float64(2.0))
+
+
 def test_counting_host_reads_needs_the_device():
     with pytest.raises(RuntimeError, match=r"not installed in this process.*--hwoptim-device emulated:emu"):
         with emulated.count_host_reads():

@@ -46,6 +46,8 @@ from typing import Any, Callable, cast
 import torch
 import torch.utils.backend_registration  # _check_torch looks into it
 
+from hwoptim._numbers import check_int
+
 __all__ = [
     "HostReads",
     "count_host_reads",
@@ -173,8 +175,7 @@ def install(device_type: str = DEFAULT_DEVICE_TYPE, device_count: int = DEFAULT_
     global _state
     if not isinstance(device_type, str) or not device_type.isidentifier() or not device_type.islower():
         raise ValueError(f"device_type must be a lower-case name such as 'emu' or 'npu'; got {device_type!r}")
-    if isinstance(device_count, bool) or not isinstance(device_count, int) or device_count < 1:
-        raise ValueError(f"device_count must be an int >= 1; got {device_count!r}")
+    device_count = check_int(device_count, "device_count", 1)  # np.int64 too
     with _lock:
         if _state is not None:
             if (_state.device_type, _state.device_count) != (device_type, device_count):

@@ -284,3 +284,33 @@ def test_a_cpu_checkpoint_resumes_on_the_device_as_it_would_on_the_cpu(device):
     for got, want in zip(dev_model.parameters(), model.parameters()):
         torch.testing.assert_close(got.detach().cpu(), want.detach(), rtol=1e-6, atol=1e-7)
     assert devices_in(dev_wrapper.optimizer.state_dict()["state"]) == {device.type}
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy"])
+def test_a_wrapper_copied_with_its_model_trains_on_there_exactly_like_the_original(device, how):
+    import copy
+    import pickle
+
+    model = make_model(device)
+    wrapper = AmpOptimWrapper(torch.optim.AdamW(model.parameters(), lr=0.05), device="auto",
+                              dtype="float16", accumulative_counts=3, clip_grad=dict(max_norm=1.0))
+    data = batches(device, 12)
+    wrapper.initialize_count_status(model, 0, len(data))
+    train(wrapper, model, data[:6], inf_at=4)
+    if how == "pickle":
+        model2, wrapper2 = pickle.loads(pickle.dumps((model, wrapper)))
+    elif how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save((model, wrapper), buffer)
+        buffer.seek(0)
+        model2, wrapper2 = torch.load(buffer, weights_only=False)
+    else:
+        model2, wrapper2 = copy.deepcopy((model, wrapper))
+    assert type(wrapper2.backend) is type(wrapper.backend) and wrapper2.device == wrapper.device
+    assert all(p.device == device for p in model2.parameters())
+    for w, m in ((wrapper, model), (wrapper2, model2)):
+        train(w, m, data, inf_at=8, start=6)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p.cpu(), p2.cpu())
+    assert on(device, wrapper2.skipped_steps) and on(device, wrapper2.last_grad_norm)
+    assert torch.equal(wrapper2.skipped_steps.cpu(), wrapper.skipped_steps.cpu())
