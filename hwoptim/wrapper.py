@@ -43,7 +43,7 @@ _EMPTY: Mapping[str, Any] = {}
 #: not share); a copy rebuilds it (see __getstate__)
 _BINDING = (
     "_model", "_model_type", "_pending_no_sync", "_skips_sync", "_params", "_n_groups", "_clip_fn",
-    "_items_reduction", "_empty_mirror",
+    "_n_params", "_items_reduction", "_empty_mirror",
 )
 #: updates between two folds of the lazily kept skip records into skipped_steps
 _FOLD_EVERY = 256
@@ -1062,7 +1062,9 @@ class OptimWrapper:
         ``initialize_count_status``, and rebuilds from it what derives from it: the clip
         function (FSDP1 clips through its module), the sync skip, the parameter list, the
         groups ``num_items`` are summed over. A sync skip entered by a forward whose
-        backward has not run stays with the original.
+        backward has not run stays with the original. Under mmengine the copy logs to the
+        MessageHub as the original does (torch does not copy the optimizer's hooks: the
+        copy adds its own).
         To continue training a copy, copy the model with it, in one call, so that the
         copied optimizer steps the copied model's parameters::
 
@@ -1080,11 +1082,13 @@ class OptimWrapper:
         self._pending_no_sync = None
         self._skips_sync = False
         self._params = []
-        self._n_groups = -1
+        self._n_groups = self._n_params = -1
         self._clip_fn = None
         self._items_reduction = None  # found again for the model the copy is given
         self._empty_mirror = None  # pinned host memory of its own
         self._rebuild_clip_fn()
+        if "mmengine" in sys.modules:  # the optimizer's logging hook is not copied: add it
+            join_mmengine(self)
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -31,6 +31,10 @@ class OptimWrapperDict(OptimWrapper):
         wrappers["discriminator"].update_params(d_loss)
     """
 
+    #: no fake "base" parameter group here either: None, as on every member (mmengine's
+    #: ReduceOnPlateauLR reads it of any wrapper; a dict there would be misread)
+    base_param_settings: None = None
+
     def __init__(self, **optim_wrappers: OptimWrapper) -> None:
         for name, wrapper in optim_wrappers.items():
             if not isinstance(wrapper, OptimWrapper) or isinstance(wrapper, OptimWrapperDict):
@@ -220,6 +224,8 @@ class OptimWrapperDict(OptimWrapper):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if "mmengine" in sys.modules:  # the members log under their names again
+            join_mmengine(self)
 
     # -- mapping protocol ------------------------------------------------------------------
 

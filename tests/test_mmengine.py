@@ -34,7 +34,7 @@ from _mmengine_worker import (
     params_of,
     runner_kwargs,
 )
-from helpers import assert_same
+from helpers import COPIES, assert_same, copied
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.runner import Runner
@@ -733,3 +733,18 @@ def test_item_weighted_ddp_under_the_runner_matches_one_process(dist_runs, scena
         for got, want in zip(rank["params"], params):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert rank["item_loss"] == pytest.approx(item_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("how", COPIES)
+def test_a_copied_wrapper_logs_to_the_message_hub_under_its_names(how):
+    hub = MessageHub.get_instance(f"copies-{uuid.uuid4().hex}")
+    model = torch.nn.Linear(2, 1)
+    wrapper = hwoptim.OptimWrapperDict(a=hwoptim.OptimWrapper(
+        torch.optim.SGD(model.parameters(), lr=0.1), clip_grad=dict(max_norm=1.0)))
+    model2, wrapper2 = copied((model, wrapper), how)
+    assert len(wrapper2["a"].optimizer._optimizer_step_post_hooks) == 1  # its own, not copied
+    for _ in range(2):
+        model2(torch.ones(1, 2)).sum().backward()
+        wrapper2["a"].step()
+    assert len(hub.get_scalar("train/a.grad_norm").data[0]) == 2
+    assert isinstance(wrapper2, mm_optim.OptimWrapperDict)
