@@ -11,6 +11,12 @@ norm clipping, and with AdamW both as torch picks it on a GPU (foreach) and fuse
   ``float(t)``, a device-to-host copy, ...); the warnings are counted and the Python line
   that triggered each is reported.
 
+The ``wide-adamw-clip`` cases (fp32, 512 small parameter tensors, AdamW with foreach, norm
+clipping) time the update itself: eager, and compiled (``-compiled``: the hand-written loop
+with its clip+step through ``torch.compile`` as ``torch-compiled``, hwoptim with
+``compile_step=True``). For them the table also counts the kernels launched per step (from
+the profiler) and the graphs compiled during timing (should be 0).
+
 Expected: hwoptim syncs exactly as often as the hand-written loop doing the same work:
 0 per step with a fused AdamW, 1 (torch's GradScaler ``.item()``) for fp16 with a foreach
 AdamW, and 0 in bf16, where it builds no scaler. mmengine adds ``float(grad_norm)`` on every
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -54,12 +61,15 @@ class Unsupported(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    model: str  # "small" or "mid"
-    dtype: torch.dtype
+    model: str  # "small", "mid" or "wide"
+    dtype: torch.dtype | None  # None: fp32, no autocast
     fused: bool
+    compiled: bool = False  # the update through torch.compile
 
     @property
     def name(self) -> str:
+        if self.model == "wide":
+            return "wide-adamw-clip" + ("-compiled" if self.compiled else "")
         precision = "fp16" if self.dtype == torch.float16 else "bf16"
         return f"{self.model}-{precision}-{'fused' if self.fused else 'foreach'}"
 
@@ -69,8 +79,8 @@ CASES = [
     for model in ("small", "mid")
     for dtype in (torch.float16, torch.bfloat16)
     for fused in (False, True)
-]
-RUNNERS = ["torch", "hwoptim", "mmengine"]
+] + [Case("wide", None, False), Case("wide", None, False, compiled=True)]
+RUNNERS = ["torch", "torch-compiled", "hwoptim", "mmengine"]
 MAX_NORM = 1.0
 
 
@@ -80,6 +90,11 @@ def make_model(kind: str, device: torch.device) -> nn.Module:
         model: nn.Module = nn.Sequential(
             nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 16)
         )
+    elif kind == "wide":  # 512 small tensors behind a cheap forward: per-tensor launches show
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from overhead import WIDE, WideNet
+
+        model = WideNet(WIDE["d_in"], WIDE["branches"])
     else:  # ~19M parameters, 6 transformer layers: a realistic step
         layer = nn.TransformerEncoderLayer(512, 8, 2048, dropout=0.0, batch_first=True)
         model = nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
@@ -88,8 +103,8 @@ def make_model(kind: str, device: torch.device) -> nn.Module:
 
 def make_batches(kind: str, device: torch.device) -> list[tuple[Tensor, Tensor]]:
     generator = torch.Generator().manual_seed(1)
-    shape = (64, 64) if kind == "small" else (16, 128, 512)
-    out_shape = (64, 16) if kind == "small" else shape
+    shape = {"small": (64, 64), "wide": (32, 16)}.get(kind, (16, 128, 512))
+    out_shape = {"small": (64, 16), "wide": (32, 16)}.get(kind, shape)
     return [
         (torch.randn(shape, generator=generator).to(device),
          torch.randn(out_shape, generator=generator).to(device))
@@ -100,6 +115,10 @@ def make_batches(kind: str, device: torch.device) -> list[tuple[Tensor, Tensor]]
 def make_optimizer(model: nn.Module, case: Case) -> torch.optim.Optimizer:
     # foreach=None lets torch choose, as users get it: foreach on a GPU
     return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=case.fused or None)
+
+
+def _autocast(device_type: str, dtype: torch.dtype | None) -> Any:
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
 loss_fn = nn.functional.mse_loss
@@ -120,7 +139,7 @@ def build_torch(case: Case, device: torch.device) -> Run:
         for _ in range(n):
             x, y = batches[count % len(batches)]
             count += 1
-            with torch.autocast(device_type, dtype=dtype):
+            with _autocast(device_type, dtype):
                 loss = loss_fn(model(x), y)
             if scaler is None:
                 loss.backward()
@@ -137,12 +156,46 @@ def build_torch(case: Case, device: torch.device) -> Run:
     return run
 
 
+def build_torch_compiled(case: Case, device: torch.device) -> Run:
+    """The hand-written fp32 loop with its clip+step compiled by torch.compile."""
+    if not case.compiled:
+        raise Unsupported("only in the *-compiled cases")
+    model = make_model(case.model, device)
+    batches = make_batches(case.model, device)
+    optimizer = make_optimizer(model, case)
+    params = list(model.parameters())
+
+    @torch.compile
+    def clip_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+        optimizer.step()
+
+    count = 0
+
+    def run(n: int) -> None:
+        nonlocal count
+        for _ in range(n):
+            x, y = batches[count % len(batches)]
+            count += 1
+            loss_fn(model(x), y).backward()
+            clip_step()
+            optimizer.zero_grad()
+
+    return run
+
+
 def build_hwoptim(case: Case, device: torch.device) -> Run:
     model = make_model(case.model, device)
-    wrapper = hwoptim.AmpOptimWrapper(
-        make_optimizer(model, case), device=device.type, dtype=case.dtype,
-        clip_grad=dict(max_norm=MAX_NORM),
-    )
+    optimizer = make_optimizer(model, case)
+    clip_grad = dict(max_norm=MAX_NORM)
+    wrapper: hwoptim.OptimWrapper
+    if case.dtype is None:
+        wrapper = hwoptim.OptimWrapper(optimizer, clip_grad=clip_grad, compile_step=case.compiled)
+    else:
+        wrapper = hwoptim.AmpOptimWrapper(
+            optimizer, device=device.type, dtype=case.dtype, clip_grad=clip_grad,
+            compile_step=case.compiled,
+        )
     return _wrapper_loop(_plain_loop(wrapper), model, make_batches(case.model, device))
 
 
@@ -151,6 +204,8 @@ def build_mmengine(case: Case, device: torch.device) -> Run:
         from mmengine.optim import AmpOptimWrapper
     except ImportError as exc:
         raise Unsupported("not installed (pip install 'hwoptim[bench]')") from exc
+    if case.dtype is None or case.compiled:
+        raise Unsupported("the wide cases compare the hand-written loop and hwoptim only")
     model = make_model(case.model, device)
     name = "float16" if case.dtype == torch.float16 else "bfloat16"
     try:
@@ -187,7 +242,10 @@ def _wrapper_loop(wrapper: Any, model: nn.Module, batches: list[tuple[Tensor, Te
     return run
 
 
-BUILDERS = {"torch": build_torch, "hwoptim": build_hwoptim, "mmengine": build_mmengine}
+BUILDERS = {
+    "torch": build_torch, "torch-compiled": build_torch_compiled, "hwoptim": build_hwoptim,
+    "mmengine": build_mmengine,
+}
 
 
 def count_syncs(run: Run, steps: int) -> tuple[float, dict[str, int]]:
@@ -205,6 +263,17 @@ def count_syncs(run: Run, steps: int) -> tuple[float, dict[str, int]]:
         if SYNC_WARNING in str(warning.message):
             sites[f"{_short(warning.filename)}:{warning.lineno}"] += 1
     return sum(sites.values()) / steps, dict(sites)
+
+
+def count_kernels(run: Run, steps: int) -> float:
+    """Device kernels (and copies, fills) launched per step while ``run`` trains ``steps``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(steps)
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(device_events) / steps
 
 
 def _short(filename: str) -> str:
@@ -229,9 +298,14 @@ def measure(
     for run in runs.values():  # warm-up: cuBLAS handles, autotuning, lazy scaler state
         run(3)
     syncs: dict[str, tuple[float, dict[str, int]] | None] = {}
+    kernels: dict[str, float | None] = {}
     for name, run in runs.items():
         syncs[name] = count_syncs(run, sync_steps) if device.type == "cuda" else None
+        kernels[name] = count_kernels(run, sync_steps) if device.type == "cuda" else None
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for r in range(rounds):
@@ -241,7 +315,9 @@ def measure(
             runs[name](iters)
             synchronize()
             times[name].append((time.perf_counter() - start) / iters)
-    return {"times": times, "syncs": syncs, "skipped": skipped}
+    recompiles = counters["stats"]["unique_graphs"] - graphs_before
+    return {"times": times, "syncs": syncs, "kernels": kernels, "skipped": skipped,
+            "recompiles": recompiles}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=20, help="iterations per runner per round")
     parser.add_argument("--sync-steps", type=int, default=10, help="steps under sync counting")
     parser.add_argument("--quick", action="store_true", help="the small model only")
+    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES])
     parser.add_argument("--runners", nargs="+", choices=RUNNERS, default=RUNNERS)
     args = parser.parse_args(argv)
 
@@ -267,12 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     warnings.filterwarnings("ignore", category=FutureWarning)  # mmengine's torch.cuda.amp
     runners = ["torch", *[r for r in args.runners if r != "torch"]]
-    cases = [c for c in CASES if not args.quick or c.model == "small"]
+    cases = [c for c in CASES if (not args.quick or c.model == "small")
+             and (args.cases is None or c.name in args.cases)]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# {name}, torch {torch.__version__}, hwoptim {hwoptim.__version__}, "
           f"{args.rounds} rounds x {args.iters} iterations, syncs over {args.sync_steps} steps")
-    header = f"{'case':<20} {'runner':<9} {'ms/step':>8} {'ratio':>6} {'syncs/step':>10}  where"
+    header = (f"{'case':<24} {'runner':<14} {'ms/step':>8} {'ratio':>6} {'kernels':>8} "
+              f"{'syncs/step':>10}  where")
     print(header)
     print("-" * len(header))
     results = []
@@ -281,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         base = out["times"]["torch"]
         for runner in runners:
             if runner in out["skipped"]:
-                print(f"{case.name:<20} {runner:<9} {'n/a':>8}  {out['skipped'][runner]}")
+                print(f"{case.name:<24} {runner:<14} {'n/a':>8}  {out['skipped'][runner]}")
                 results.append({"case": case.name, "runner": runner, "status": "n/a",
                                 "reason": out["skipped"][runner]})
                 continue
@@ -292,10 +371,17 @@ def main(argv: list[str] | None = None) -> int:
             per_step, sites = counted if counted is not None else (None, {})
             shown = "n/a" if per_step is None else f"{per_step:.2f}"
             where = ", ".join(f"{site} x{n}" for site, n in sorted(sites.items()))
-            print(f"{case.name:<20} {runner:<9} {ms:8.3f} {ratio:6.3f} {shown:>10}  {where}")
+            launched = out["kernels"][runner]
+            kernels = "n/a" if launched is None else f"{launched:.0f}"
+            print(f"{case.name:<24} {runner:<14} {ms:8.3f} {ratio:6.3f} {kernels:>8} "
+                  f"{shown:>10}  {where}")
             results.append({"case": case.name, "runner": runner, "status": "ok",
                             "ms_per_step": round(ms, 4), "ratio": round(ratio, 4),
-                            "syncs_per_step": per_step, "sync_sites": sites})
+                            "kernels_per_step": launched, "syncs_per_step": per_step,
+                            "sync_sites": sites})
+        if case.compiled:
+            print(f"# {case.name}: {out['recompiles']} graph(s) compiled during the timed rounds")
+            results.append({"case": case.name, "recompiles_timed": out["recompiles"]})
         sys.stdout.flush()
     print(json.dumps({"benchmark": "hwoptim-gpu", "device": name, "torch": torch.__version__,
                       "hwoptim": hwoptim.__version__, "rounds": args.rounds,

@@ -17,6 +17,8 @@ Runners:
                scales: the sync-free non-finite guard and the skipped-step counter (see
                GUARD below). (torch+guard) / torch is the cost of that guarantee;
                hwoptim / (torch+guard) is the pure wrapper overhead.
+  torch-compiled  (the *-compiled cases) the hand-written loop with its clip+step compiled
+               by torch.compile: the reference for hwoptim's compile_step=True ("vs ref").
   hwoptim      OptimWrapper (fp32) or AmpOptimWrapper(device="cpu") (bf16, fp16).
   hwoptim+hub  the same wrapper as mmengine's Runner runs it, also logging grad_norm and
                loss_scale to mmengine's MessageHub (hwoptim.mmengine), as mmengine does.
@@ -30,6 +32,10 @@ Cases (one thread, AdamW with foreach=True unless fused, as torch picks on a GPU
   fp16-dynamic-fused-clip  fp16 autocast, dynamic GradScaler, fused AdamW, norm clipping
   wide-fp32-clip           512 small parameter tensors, SGD, norm clipping
   wide-fp32-clip-fused     the same with a fused SGD
+  wide-adamw-clip          512 small parameter tensors, AdamW (foreach), norm clipping
+  wide-adamw-clip-compiled the same with the update compiled (hwoptim: compile_step=True);
+                           ratios are still to the eager hand-written loop, "vs ref" to
+                           torch-compiled; the graphs compiled during timing are reported
 
 A peer that refuses a case (mmengine's AmpOptimWrapper on CPU) or would silently run other
 math (accelerate turns fp16 off on CPU: no autocast, no scaler) is reported "n/a" with the
@@ -84,6 +90,7 @@ class Case:
     max_norm: float | None  # norm clipping, or None
     fused: bool  # fused=True: the optimizer takes found_inf and skips on the device
     optimizer: str = "adamw"  # "adamw" or "sgd"
+    compiled: bool = False  # the update through torch.compile (hwoptim: compile_step=True)
 
     @property
     def scaled(self) -> bool:
@@ -104,8 +111,15 @@ CASES = [
     # optimizer's is on a GPU, so what the wrapper adds per parameter is not hidden.
     Case("wide-fp32-clip", "wide", None, 1, 1.0, False, "sgd"),
     Case("wide-fp32-clip-fused", "wide", None, 1, 1.0, True, "sgd"),
+    # AdamW (foreach, no fused kernel used), eager and with the update compiled: what a
+    # compiled update buys where most people's optimizers have no fused kernel.
+    Case("wide-adamw-clip", "wide", None, 1, 1.0, False),
+    Case("wide-adamw-clip-compiled", "wide", None, 1, 1.0, False, compiled=True),
 ]
-RUNNERS = ["torch", "torch-again", "torch+guard", "hwoptim", "hwoptim+hub", "mmengine", "accelerate"]
+RUNNERS = [
+    "torch", "torch-again", "torch+guard", "torch-compiled", "hwoptim", "hwoptim+hub", "mmengine",
+    "accelerate",
+]
 
 # Sizes: small enough that the Python around each step is visible next to the math.
 SMALL = dict(d_in=64, hidden=128, d_out=16, batch=32)
@@ -266,6 +280,37 @@ def build_torch(case: Case, model: nn.Module, batches: list[Batch], guard: bool 
     return run
 
 
+def build_torch_compiled(case: Case, model: nn.Module, batches: list[Batch]) -> Run:
+    """The hand-written loop with its own clip+step compiled by torch.compile (no guard,
+    no skip count): the reference a compiled hwoptim update is measured against."""
+    if not case.compiled:
+        raise Unsupported("only in the *-compiled cases")
+    optimizer = make_optimizer(model, case)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = case.max_norm
+    clip = torch.nn.utils.clip_grad_norm_
+
+    @torch.compile
+    def clip_step() -> None:
+        if max_norm is not None:
+            clip(params, max_norm)
+        optimizer.step()
+
+    n_batches = len(batches)
+    count = 0
+
+    def run(n: int) -> None:
+        nonlocal count
+        for _ in range(n):
+            x, y = batches[count % n_batches]
+            count += 1
+            loss_fn(model(x), y).backward()
+            clip_step()
+            optimizer.zero_grad()
+
+    return run
+
+
 # -- hwoptim -----------------------------------------------------------------------------
 
 
@@ -278,6 +323,8 @@ def build_hwoptim(case: Case, model: nn.Module, batches: list[Batch]) -> Run:
 def build_hwoptim_hub(case: Case, model: nn.Module, batches: list[Batch]) -> Run:
     """hwoptim as mmengine's Runner runs it: each update also queues grad_norm and
     loss_scale for the MessageHub (hwoptim.mmengine), which mmengine's wrapper logs too."""
+    if case.compiled:
+        raise Unsupported("the compiled case compares the plain loops")
     try:
         import hwoptim.mmengine as bridge
     except ImportError as exc:
@@ -292,10 +339,10 @@ def _hwoptim_wrapper(case: Case, model: nn.Module) -> hwoptim.OptimWrapper:
     optimizer = make_optimizer(model, case)
     clip_grad = None if case.max_norm is None else dict(max_norm=case.max_norm)
     if case.dtype is None:
-        return hwoptim.OptimWrapper(optimizer, case.acc, clip_grad)
+        return hwoptim.OptimWrapper(optimizer, case.acc, clip_grad, compile_step=case.compiled)
     return hwoptim.AmpOptimWrapper(
         optimizer, device="cpu", dtype=case.dtype, accumulative_counts=case.acc,
-        clip_grad=clip_grad,
+        clip_grad=clip_grad, compile_step=case.compiled,
     )
 
 
@@ -329,6 +376,8 @@ def _wrapper_loop(wrapper: Any, model: nn.Module, batches: list[Batch]) -> Run:
 
 
 def build_mmengine(case: Case, model: nn.Module, batches: list[Batch]) -> Run:
+    if case.compiled:
+        raise Unsupported("no compiled update")
     try:
         from mmengine.optim import AmpOptimWrapper, OptimWrapper
     except ImportError as exc:
@@ -356,6 +405,8 @@ def build_accelerate(case: Case, model: nn.Module, batches: list[Batch]) -> Run:
         from accelerate.state import AcceleratorState, GradientState
     except ImportError as exc:
         raise Unsupported("not installed (pip install 'hwoptim[bench]')") from exc
+    if case.compiled:
+        raise Unsupported("no compiled update")
     # The Accelerator's state is process-global: start each case from a clean one.
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -391,6 +442,7 @@ BUILDERS: dict[str, Callable[[Case, nn.Module, list[Batch]], Run]] = {
     "torch": build_torch,
     "torch-again": build_torch,
     "torch+guard": lambda case, model, batches: build_torch(case, model, batches, guard=True),
+    "torch-compiled": build_torch_compiled,
     "hwoptim": build_hwoptim,
     "hwoptim+hub": build_hwoptim_hub,
     "mmengine": build_mmengine,
@@ -439,13 +491,21 @@ def measure(
     so equally warm in the caches. Every ``block`` rounds all runners and twins are built
     afresh, in a shuffled order: where tensors land in memory changes a loop's speed by a
     percent or two, and rebuilding turns that bias into noise the median averages out.
+
+    A compiled case is built once: every build compiles afresh (minutes on a busy CPU),
+    and torch.compile's recompile limit counts every new optimizer. Its result also counts
+    the graphs compiled during the timed rounds (``recompiles``, which should be 0).
     """
+    from torch._dynamo.utils import counters
+
+    if case.compiled:
+        block = rounds
     batches = make_batches(case.model)
     shuffle = random.Random(0).shuffle
     names: list[str] = []
     skipped: dict[str, str] = {}
     for name in runners:
-        if name == "torch" or (name == "torch+guard" and not case.guarded):
+        if name == "torch" or (name == "torch+guard" and (not case.guarded or case.compiled)):
             continue
         try:
             BUILDERS[name](case, make_model(case.model), batches)
@@ -457,12 +517,16 @@ def measure(
         keys = [(name, side) for name in names for side in (name, "torch")]
         shuffle(keys)
         built = {key: BUILDERS[key[1]](case, make_model(case.model), batches) for key in keys}
-        for run in built.values():  # warm-up: allocations, lazy state, caches
+        for key, run in built.items():  # warm-up: allocations, lazy state, caches, compiling
+            start = time.perf_counter()
             run(2 * iters)
+            warm_up.setdefault(key[1], time.perf_counter() - start)
         return built
 
     times: dict[str, list[float]] = {name: [] for name in ["torch", *names]}
     ratios: dict[str, list[float]] = {name: [] for name in names}
+    graphs_built = 0
+    warm_up: dict[str, float] = {}  # runner: wall seconds of its first warm-up (compiling)
     gc.collect()
     # No collection inside a segment: it would land in one runner's time at random. The
     # loops make no reference cycles to speak of; collect between blocks.
@@ -473,6 +537,7 @@ def measure(
                 runs = None
                 gc.collect()
                 runs = build()
+                graphs_built = counters["stats"]["unique_graphs"]
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
                 pair = [name, "torch"] if r % 2 else ["torch", name]
@@ -487,7 +552,9 @@ def measure(
     finally:
         gc.enable()
     ratios["torch"] = [1.0] * rounds
-    return {"times": times, "ratios": ratios, "skipped": skipped}
+    recompiles = counters["stats"]["unique_graphs"] - graphs_built
+    return {"times": times, "ratios": ratios, "skipped": skipped, "recompiles": recompiles,
+            "warm_up_s": warm_up}
 
 
 def median_ci(values: list[float]) -> tuple[float, float]:
@@ -533,14 +600,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.machine()}, 1 thread, {args.rounds} rounds x {args.iters} iterations, "
           f"{args.clock} clock")
     header = (f"{'case':<26} {'runner':<12} {'us/iter':>8} {'ratio':>6} {'95% CI':>11} "
-              f"{'vs guard':>8} {'same':>7}")
+              f"{'vs ref':>8} {'same':>7}")
     print(header)
     print("-" * len(header))
     results = []
     for case in cases:
         same = check_same_work(case, runners, args.check_steps)
         out = measure(case, runners, args.rounds, args.iters, CLOCKS[args.clock])
-        guard_ratios = out["ratios"].get("torch+guard")
+        reference = "torch-compiled" if case.compiled else "torch+guard"
+        guard_ratios = out["ratios"].get(reference)
         for name in runners:
             if name in out["skipped"]:
                 print(f"{case.name:<26} {name:<12} {'n/a':>8}  {out['skipped'][name]}")
@@ -565,9 +633,17 @@ def main(argv: list[str] | None = None) -> int:
                 "case": case.name, "runner": name, "status": "ok",
                 "us_per_iter": round(us, 2), "ratio": round(ratio, 4),
                 "ratio_ci95": [round(low, 4), round(high, 4)],
-                "ratio_vs_torch_guard": None if vs_guard is None else round(vs_guard, 4),
+                f"ratio_vs_{reference.replace('-', '_').replace('+', '_')}": (
+                    None if vs_guard is None else round(vs_guard, 4)
+                ),
                 "max_rel_param_diff": same.get(name),
             })
+        if case.compiled:
+            warm = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(out["warm_up_s"].items()))
+            print(f"# {case.name}: {out['recompiles']} graph(s) compiled during the timed "
+                  f"rounds; first {2 * args.iters} iterations (wall, compiling): {warm}")
+            results.append({"case": case.name, "recompiles_timed": out["recompiles"],
+                            "warm_up_s": out["warm_up_s"]})
         sys.stdout.flush()
     print(json.dumps({
         "benchmark": "hwoptim-overhead", "torch": torch.__version__,

@@ -20,6 +20,7 @@ from torch import Tensor
 from hwoptim._numbers import as_float, check_int, check_real, given
 from hwoptim.backends.base import Backend, dtype_name
 from hwoptim.backends.registry import DeviceSpec, get_backend
+from hwoptim.compile import CompileStep
 from hwoptim.num_items import ItemsGroup
 from hwoptim.wrapper import OptimWrapper
 
@@ -156,6 +157,10 @@ class AmpOptimWrapper(OptimWrapper):
             real). Gradients are unscaled before clipping; a step with inf/nan gradients is
             skipped and the scale backs off. Saved partial gradients are still multiplied by
             the loss scale, which is saved with them.
+        compile_step: as for OptimWrapper. With a scaler, its ``unscale_`` and ``update``
+            run outside the compiled function, and so does its ``step`` for a non-fused
+            optimizer (torch decides that skip on the host); a fused optimizer is stepped
+            inside it with the scaler's found_inf, with no host sync.
     """
 
     def __init__(
@@ -171,6 +176,7 @@ class AmpOptimWrapper(OptimWrapper):
         num_items_group: ItemsGroup = "auto",
         save_partial_grads: bool = False,
         exact_skip: bool = False,
+        compile_step: CompileStep = False,
     ) -> None:
         if optimizer is None:
             raise TypeError("AmpOptimWrapper needs an optimizer, e.g. AmpOptimWrapper(optimizer=opt)")
@@ -186,6 +192,7 @@ class AmpOptimWrapper(OptimWrapper):
             num_items_group=num_items_group,
             save_partial_grads=save_partial_grads,
             exact_skip=exact_skip,
+            compile_step=compile_step,
         )
 
         self.backend = backend
@@ -195,6 +202,7 @@ class AmpOptimWrapper(OptimWrapper):
             None if scaler_kwargs is None else backend.grad_scaler(sharded=use_fsdp, **scaler_kwargs)
         )
         self._scale_update_param = fixed_scale
+        self._scaler_steps = self.loss_scaler is not None and not self._takes_found_inf
         self._no_sync = backend.no_sync
         self._custom_no_sync = type(backend).no_sync is not Backend.no_sync
         self._rebuild_clip_fn()  # a scaler changes what a non-finite norm means
@@ -220,6 +228,9 @@ class AmpOptimWrapper(OptimWrapper):
         optimizer = self.optimizer
         try:
             empty = self._divide_by_items()
+            if self._compiled is not None:
+                self._compiled_scaler_step(scaler, empty, kwargs)
+                return
             if self._clip_fn is not None or empty is not None:
                 scaler.unscale_(optimizer)
                 if empty is not None:
@@ -231,6 +242,19 @@ class AmpOptimWrapper(OptimWrapper):
             self._abandon_step()
             raise
         self._count_scaler_skip(scaler)
+        scaler.update(self._scale_update_param)
+
+    def _compiled_scaler_step(self, scaler: Any, empty: Tensor | None, kwargs: dict[str, Any]) -> None:
+        """compile_step under a scaler: unscale eagerly (torch's own, all-reduced by a
+        sharded scaler), the compiled update with the scaler's found_inf, then the scaler's
+        step for a non-fused optimizer and its update."""
+        optimizer = self.optimizer
+        scaler.unscale_(optimizer)
+        if empty is not None:
+            self._skip_empty_window(scaler, empty)
+        self._compiled_step(self._scaler_found_inf(scaler), None, kwargs)
+        if self._scaler_steps:
+            scaler.step(optimizer, **kwargs)
         scaler.update(self._scale_update_param)
 
     def _placement_device(self) -> torch.device:
@@ -268,18 +292,24 @@ class AmpOptimWrapper(OptimWrapper):
             found.add_(empty.to(found.device, non_blocking=True))
 
     def _count_scaler_skip(self, scaler: Any) -> None:
+        found = self._scaler_found_inf(scaler)
+        if found is not None:
+            self._count_skipped(found)
+
+    def _scaler_found_inf(self, scaler: Any) -> Tensor | None:
+        """The scaler's found_inf for this optimizer after unscale_, over all devices."""
         states = getattr(scaler, "_per_optimizer_states", None)
         if not isinstance(states, dict) or id(self.optimizer) not in states:
-            return
+            return None
         found = list(states[id(self.optimizer)].get("found_inf_per_device", {}).values())
         if not found:
-            return
-        total = found[0]
+            return None
+        total: Tensor = found[0]
         for other in found[1:]:  # parameters on several devices: any inf skips the step
             total = total + other.to(total.device, non_blocking=True)
-        # Counted as skipped when > 0: found_inf sums over devices, and the sharded scaler
-        # all-reduces it, so it can exceed 1 (and has shape (1,) there).
-        self._count_skipped(total)
+        # Skipped when > 0: found_inf sums over devices, and the sharded scaler all-reduces
+        # it, so it can exceed 1 (and has shape (1,) there).
+        return total
 
     # -- checkpoints ----------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from hwoptim._numbers import as_int, check_int
 from hwoptim.backends.base import has_gradient_sync, skip_gradient_sync, unwrap_compiled
 from hwoptim.clip import ClipFn, ClipGrad, parse_clip_grad
+from hwoptim.compile import CompiledUpdate, CompileStep, parse_compile_step
 from hwoptim.num_items import (
     HostMirror,
     ItemsGroup,
@@ -142,6 +143,20 @@ def _check_items_window(window: Any) -> tuple[Tensor, Tensor | None, int] | None
     return loss, items, host_items
 
 
+def _unpatched_step(optimizer: torch.optim.Optimizer) -> Callable[..., Any]:
+    """``optimizer.step`` without torch's LR-scheduler wrapper, which compile_step calls.
+
+    An LR scheduler replaces ``optimizer.step`` by a wrapper that notes the call, in a file
+    torch.compile refuses to trace: through it the step would run uncompiled after a graph
+    break. The caller notes the call itself (``_opt_called``), as the wrapper would.
+    """
+    step = optimizer.step
+    wrapped = getattr(step, "__wrapped__", None)
+    if getattr(step, "_wrapped_by_lr_sched", False) and wrapped is not None:
+        return wrapped.__get__(optimizer, type(optimizer))  # type: ignore[no-any-return]
+    return step
+
+
 def _rank() -> int:
     """This process's rank in the default process group; 0 outside torch.distributed."""
     dist = torch.distributed
@@ -205,6 +220,11 @@ class OptimWrapper:
             ``skipped_steps``). Off by default: it costs a copy of those tensors per update.
             Without it, or where the state cannot be restored on the device, such an update
             is a step with zeroed gradients (counted in ``zeroed_steps``; see ``step``).
+        compile_step: False (eager), True, or a dict of ``torch.compile`` keyword arguments:
+            run each update (unscale where a scaler is on, clip, non-finite guard, skip
+            count, optimizer step) as one function compiled by ``torch.compile``, once per
+            wrapper. Pays off with many parameter tensors and non-fused optimizers; see
+            ``_update_body`` for what is compiled and docs/compile.md for the costs.
 
     Example::
 
@@ -242,6 +262,7 @@ class OptimWrapper:
         num_items_group: ItemsGroup = "auto",
         save_partial_grads: bool = False,
         exact_skip: bool = False,
+        compile_step: CompileStep = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -257,6 +278,7 @@ class OptimWrapper:
         for name, flag in (("save_partial_grads", save_partial_grads), ("exact_skip", exact_skip)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False; got {flag!r}")
+        compile_kwargs = parse_compile_step(compile_step)
 
         self.optimizer = optimizer
         self._accumulative_counts = accumulative_counts
@@ -315,6 +337,13 @@ class OptimWrapper:
         self._n_groups = -1
         self._n_params = -1
         self._rebuild_clip_fn()
+        #: compile_step's compiled update (None: eager); compiled at the first update
+        self._compiled: CompiledUpdate | None = None
+        if compile_kwargs is not None:
+            self._compiled = CompiledUpdate(self._update_body, compile_kwargs, type(self).__name__)
+        self._optimizer_step: Callable[..., Any] | None = None  # compile_step's, at first use
+        self._found_buf: Tensor | None = None  # compile_step: found_inf for a fused optimizer
+        self._scaler_steps = False  # AmpOptimWrapper: its scaler steps a non-fused optimizer
         if "mmengine" in sys.modules:  # a dict lookup: plain loops never import the bridge
             join_mmengine(self)
 
@@ -407,6 +436,9 @@ class OptimWrapper:
         """
         try:
             empty = self._divide_by_items()
+            if self._compiled is not None:
+                self._compiled_step(None, empty, kwargs)
+                return
             if self._clip_fn is None and empty is None:
                 self.optimizer.step(**kwargs)
                 return
@@ -442,7 +474,10 @@ class OptimWrapper:
         else:
             self._count_zeroed(_bad_update(norm, empty))
 
-    def _step_restoring(self, norm: Tensor | None, found_inf: Tensor, kwargs: Mapping[str, Any]) -> None:
+    def _step_restoring(
+        self, norm: Tensor | None, found_inf: Tensor, kwargs: Mapping[str, Any],
+        step: Callable[..., Any] | None = None,
+    ) -> None:
         """``exact_skip``: a zeroed step, then undone on the device when ``found_inf`` > 0.
 
         What a step changes is the parameters with a gradient and their optimizer state.
@@ -452,6 +487,8 @@ class OptimWrapper:
         about to create, a state value that is not a tensor on the flag's device (the host
         step count of a non-capturable Adam on a GPU), or a state tensor the step replaced
         by one of another shape -- nothing is restored and the update counts as zeroed.
+        ``step``: what steps the optimizer (compile_step passes its own), by default
+        ``optimizer.step``.
         """
         params = [p for p in self._flat_params() if p.grad is not None]
         if norm is not None:
@@ -462,7 +499,7 @@ class OptimWrapper:
         if before is not None:
             with torch.no_grad():
                 saved = torch._foreach_mul(before, 1)  # copies, in their dtypes, in one call
-        self.optimizer.step(**kwargs)
+        (self.optimizer.step if step is None else step)(**kwargs)
         after = None if saved is None else _step_tensors(self.optimizer, params, device)
         if (
             after is None
@@ -496,6 +533,115 @@ class OptimWrapper:
         self.optimizer.__dict__.pop("found_inf", None)
         self.optimizer.zero_grad(set_to_none=True)
         self._reset_window()
+
+    # -- compile_step ---------------------------------------------------------------------
+
+    def _update_body(
+        self,
+        params: list[Tensor],
+        found: Tensor | None,
+        empty: Tensor | None,
+        kwargs: dict[str, Any],
+    ) -> Tensor | None:
+        """One update once the gradients are final: what ``compile_step`` compiles.
+
+        The eager step's work, in one function: clip (when configured); then, for an
+        update whose norm is inf or nan or (``num_items``) whose window held no item, the
+        same guard as eagerly -- a fused optimizer skips on the device, any other one steps
+        with zeroed gradients, or with ``exact_skip`` has the step undone -- counted
+        through ``_count_*``, which under torch.compile add to ``skipped_steps`` and
+        ``zeroed_steps`` as device arithmetic (no Python list grows, so nothing is compiled
+        again for it); and the optimizer's step. ``found``: the scaler's found_inf after
+        its unscale (None without a scaler); its skip is counted here, and a non-fused
+        optimizer under a scaler is stepped by the scaler, outside (torch decides that
+        skip on the host). A fused optimizer reads ``found_inf``, set by the caller: the
+        scaler's, or ``_found_buf``, filled here. The caller decides the parameter list
+        and every per-wrapper constant and does the host-side work before (the item
+        count's all-reduce and division, the scaler's unscale).
+        """
+        step = self._optimizer_step
+        assert step is not None
+        norm = None if self._clip_fn is None else self._clip_fn(params)
+        if found is not None:  # a scaler: its found_inf says (an empty window included)
+            self._count_skipped(found)
+            if not self._scaler_steps:
+                step(**kwargs)  # a fused optimizer, with the scaler's found_inf
+            return norm
+        if norm is None and empty is None:  # nothing to check
+            step(**kwargs)
+            return norm
+        bad = _bad_update(norm, empty)
+        if self._takes_found_inf:
+            assert self._found_buf is not None
+            self._found_buf.copy_(bad)
+            step(**kwargs)
+            self._count_skipped(bad)
+        elif self._exact_skip:
+            self._step_restoring(norm, bad, kwargs, step)
+        else:
+            if norm is not None:  # compiled, this pass fuses with the clip
+                self._zero_nonfinite_grads(norm, [p.grad for p in params if p.grad is not None])
+            step(**kwargs)
+            self._count_zeroed(bad)
+        return norm
+
+    def _compiled_step(
+        self, found: Tensor | None, empty: Tensor | None, kwargs: dict[str, Any]
+    ) -> None:
+        """Run one update through compile_step's function; see ``_update_body``."""
+        compiled = self._compiled
+        assert compiled is not None
+        optimizer = self.optimizer
+        params = self._flat_params()
+        checked = found is not None or empty is not None or self._clip_fn is not None
+        if checked and (self._skipped is None or self._zeroed is None or self._found_buf is None):
+            self._init_counters(params)
+        sets_found = checked and self._takes_found_inf
+        if sets_found:
+            # set here rather than in the compiled function: no try/finally to trace
+            optimizer.found_inf = self._found_buf if found is None else found  # type: ignore[attr-defined]
+        args = (params, found, empty, kwargs)
+        try:
+            if compiled.ready:
+                norm = compiled(*args)
+            else:
+                self._optimizer_step = _unpatched_step(optimizer)
+                norm = compiled.first_call(self._undo_first_call, *args)
+        finally:
+            if sets_found:
+                del optimizer.found_inf  # type: ignore[attr-defined]
+        if norm is not None:
+            self.last_grad_norm = norm
+        if getattr(optimizer.step, "_wrapped_by_lr_sched", False):
+            optimizer._opt_called = True  # type: ignore[attr-defined] # what the wrapper notes
+
+    def _init_counters(self, params: list[Tensor]) -> None:
+        """Device tensors for the skip counts and a fused optimizer's found_inf before the
+        first compiled update: their None-ness would be compiled into it otherwise."""
+        self._fold_skipped()
+        device = params[0].device if params else torch.device("cpu")
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        if self._skipped is None:
+            self._skipped = zero.clone()
+        if self._zeroed is None:
+            self._zeroed = zero.clone()
+        self._found_buf = zero
+
+    def _undo_first_call(self) -> Callable[[], None]:
+        """Save what the update body changes before the optimizer's step (the gradients,
+        the counts); the function returned puts it back. compile_step's first call, which
+        may fail inside the compiler halfway, is undone so before it runs uncompiled."""
+        grads = [p.grad for p in self._flat_params() if p.grad is not None]
+        saved = [g.detach().clone() for g in grads]
+        counts = (self._skipped, self._zeroed, self.last_grad_norm)
+
+        def undo() -> None:
+            with torch.no_grad():
+                for grad, value in zip(grads, saved):
+                    grad.copy_(value)
+            self._skipped, self._zeroed, self.last_grad_norm = counts
+
+        return undo
 
     def zero_grad(self, **kwargs: Any) -> None:
         """``optimizer.zero_grad(**kwargs)``; an item count gathered since the last step is
@@ -807,21 +953,47 @@ class OptimWrapper:
 
     def _count_skipped(self, found_inf: Tensor) -> None:
         """Note an update's found_inf (> 0: skipped). No device work until the fold."""
+        if torch.compiler.is_compiling():
+            self._count_on_device(found_inf > 0, zeroed=False)
+            return
         self._pending_found.append(found_inf)
         if len(self._pending_found) >= _FOLD_EVERY:
             self._fold_skipped()
 
     def _count_nonfinite(self, norm: Tensor) -> None:
         """Note the norm of an update stepped with zeroed gradients (inf/nan: zeroed)."""
+        if torch.compiler.is_compiling():
+            self._count_on_device(~torch.isfinite(norm), zeroed=True)
+            return
         self._pending_norms.append(norm)
         if len(self._pending_norms) >= _FOLD_EVERY:
             self._fold_skipped()
 
     def _count_zeroed(self, found_inf: Tensor) -> None:
         """Note the flag of an update stepped with zeroed gradients (> 0: zeroed)."""
+        if torch.compiler.is_compiling():
+            self._count_on_device(found_inf > 0, zeroed=True)
+            return
         self._pending_zeroed.append(found_inf)
         if len(self._pending_zeroed) >= _FOLD_EVERY:
             self._fold_skipped()
+
+    def _count_on_device(self, flag: Tensor, *, zeroed: bool) -> None:
+        """Add ``flag`` (a bool tensor) to ``zeroed_steps`` or ``skipped_steps`` now, as
+        device arithmetic.
+
+        For code compiled by torch.compile (compile_step's update, or a user's compiled
+        train step calling ``update_params``): appending to the pending lists would change
+        the Python state the compiled code is guarded on, and compile it again at every
+        update.
+        """
+        one = flag.reshape(()).float()
+        count = self._zeroed if zeroed else self._skipped
+        count = one if count is None else count + one.to(count.device)
+        if zeroed:
+            self._zeroed = count
+        else:
+            self._skipped = count
 
     def _fold_skipped(self) -> None:
         """Fold the pending records into skipped_steps and zeroed_steps, on the device."""
@@ -1199,6 +1371,7 @@ class OptimWrapper:
             f"{type(self).__name__}(",
             f"  accumulative_counts={self._accumulative_counts},",
             f"  clip_grad={self._clip!r},",
+            *self._repr_compile(),
             *self._repr_extra(),
             "  optimizer=" + repr(self.optimizer).replace("\n", "\n  "),
             ")",
@@ -1207,6 +1380,13 @@ class OptimWrapper:
 
     def _repr_extra(self) -> list[str]:
         return []
+
+    def _repr_compile(self) -> list[str]:
+        compiled = self._compiled
+        if compiled is None:
+            return []
+        state = "" if compiled.compiled else f"  # uncompiled: {compiled.reason}"
+        return [f"  compile_step={compiled.kwargs or True!r},{state}"]
 
 
 class _OptimContext:

@@ -110,6 +110,15 @@ CONFIGS: dict[str, Callable[[nn.Module], hwoptim.OptimWrapper]] = {
         _adamw(m, fused=True), device="cpu", dtype="float16", accumulative_counts=2,
         clip_grad=dict(max_norm=1.0),
     ),
+    # compile_step: dynamo traces the same code (the eager backend skips code generation)
+    "fp32-compiled": lambda m: hwoptim.OptimWrapper(
+        _adamw(m, fused=False), accumulative_counts=2, clip_grad=dict(max_norm=1.0),
+        compile_step=dict(backend="eager"),
+    ),
+    "fp16-fused-compiled": lambda m: hwoptim.AmpOptimWrapper(
+        _adamw(m, fused=True), device="cpu", dtype="float16", accumulative_counts=2,
+        clip_grad=dict(max_norm=1.0), compile_step=dict(backend="eager"),
+    ),
 }
 
 
@@ -191,7 +200,7 @@ def test_update_params_with_num_items_makes_no_host_sync(config: str, num_items:
     assert wrapper.last_loss is not None
 
 
-@pytest.mark.parametrize("config", ["fp32-fused", "fp16-fused"])
+@pytest.mark.parametrize("config", ["fp32-fused", "fp16-fused", "fp16-fused-compiled"])
 def test_with_a_fused_optimizer_nothing_under_update_params_syncs_with_num_items(
     config: str,
 ) -> None:
@@ -201,7 +210,7 @@ def test_with_a_fused_optimizer_nothing_under_update_params_syncs_with_num_items
     assert detector.calls == [], "\n".join(map(str, detector.calls))
 
 
-@pytest.mark.parametrize("config", ["fp32-fused", "fp16-fused"])
+@pytest.mark.parametrize("config", ["fp32-fused", "fp16-fused", "fp16-fused-compiled"])
 def test_with_a_fused_optimizer_nothing_under_update_params_syncs(config: str) -> None:
     """DESIGN: "with a fused optimizer there is none", torch's code included (clip, unscale,
     the fused step taking found_inf as a tensor, the scale update). A non-fused torch

@@ -1,0 +1,451 @@
+"""compile_step: the update through torch.compile, equal to the eager one, compiled once.
+
+Compiling is slow on a busy CI machine, so most tests compile with ``backend="eager"``:
+dynamo traces hwoptim's update exactly as for inductor (the same guards, recompiles and
+graph breaks), and only the code generation is skipped. One test runs the default
+inductor backend on a tiny model, for the numbers of real generated code.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import warnings
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import hwoptim
+from hwoptim.compile import parse_compile_step
+
+EAGER_BACKEND = {"backend": "eager"}
+STEPS = 6  # micro-batches: 3 updates at accumulation 2
+INF_AT = 2  # this micro-batch gets an inf input: the second update is skipped
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    """Each test starts with no compiled code and zeroed counters (recompiles are counted
+    per function, across wrappers: one test's compiles must not count in the next)."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+class Sign(torch.optim.Optimizer):
+    """A user-defined optimizer (signSGD with momentum): no fused kernel, plain Python."""
+
+    def __init__(self, params: Any, lr: float = 0.01, beta: float = 0.9) -> None:
+        super().__init__(params, dict(lr=lr, beta=beta))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["buf"] = torch.zeros_like(p)
+                buf = state["buf"]
+                buf.mul_(group["beta"]).add_(p.grad, alpha=1 - group["beta"])
+                p.add_(buf.sign(), alpha=-group["lr"])
+
+
+OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+    "adamw-foreach": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=True),
+    "adamw-for-loop": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False),
+    "adamw-fused": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True),
+    "user-defined": lambda m: Sign(m.parameters()),
+}
+NORM = {"max_norm": 0.5}
+VALUE = {"type": "value", "clip_value": 0.05}
+
+
+def _wrapper(
+    model: nn.Module, optimizer: str, compile_step: Any, *, clip: Any = NORM,
+    dtype: str | None = None, acc: int = 2,
+) -> hwoptim.OptimWrapper:
+    opt = OPTIMIZERS[optimizer](model)
+    if dtype is None:
+        return hwoptim.OptimWrapper(opt, acc, clip, compile_step=compile_step)
+    return hwoptim.AmpOptimWrapper(
+        opt, device="cpu", dtype=dtype, accumulative_counts=acc, clip_grad=clip,
+        compile_step=compile_step,
+    )
+
+
+def _batches(n: int = STEPS, inf_at: int | None = INF_AT) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        x = torch.randn(3, 4, generator=generator)
+        if i == inf_at:
+            x[0, 0] = float("inf")
+        out.append((x, torch.randn(3, 2, generator=generator)))
+    return out
+
+
+def _train(wrapper: hwoptim.OptimWrapper, model: nn.Module, batches: list[Any]) -> None:
+    wrapper.initialize_count_status(model, 0, len(batches))
+    for x, y in batches:
+        with wrapper.optim_context(model):
+            loss = nn.functional.mse_loss(model(x), y)
+        wrapper.update_params(loss)
+
+
+def _run(optimizer: str, compile_step: Any, **kwargs: Any) -> tuple[nn.Module, hwoptim.OptimWrapper]:
+    model = _model()
+    wrapper = _wrapper(model, optimizer, compile_step, **kwargs)
+    _train(wrapper, model, _batches())
+    return model, wrapper
+
+
+def _assert_close(eager: tuple[nn.Module, Any], compiled: tuple[nn.Module, Any]) -> None:
+    for p, q in zip(eager[0].parameters(), compiled[0].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(torch.cat([p.flatten() for p in compiled[0].parameters()])).all()
+    torch.testing.assert_close(compiled[1].last_grad_norm, eager[1].last_grad_norm)
+    for counter in ("skipped_steps", "zeroed_steps"):
+        assert getattr(eager[1], counter) is not None
+        assert getattr(compiled[1], counter).item() == getattr(eager[1], counter).item(), counter
+
+
+def _bad_updates(wrapper: hwoptim.OptimWrapper) -> float:
+    """Updates skipped or stepped with zeroed gradients."""
+    return wrapper.skipped_steps.item() + wrapper.zeroed_steps.item()
+
+
+# -- the option --------------------------------------------------------------------------
+
+
+def test_parse_compile_step_accepts_bools_and_torch_compile_kwargs() -> None:
+    assert parse_compile_step(False) is None
+    assert parse_compile_step(True) == {}
+    given = {"mode": "max-autotune-no-cudagraphs", "dynamic": False, "fullgraph": False}
+    assert parse_compile_step(given) == given
+    assert parse_compile_step(given) is not given  # a copy: the config is never changed
+    assert parse_compile_step({"backend": lambda gm, inputs: gm}) is not None
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        ("yes", TypeError, "compile_step must be True, False or a dict"),
+        (1, TypeError, "compile_step must be True, False or a dict"),
+        ({"mdoe": "default"}, ValueError, "does not take 'mdoe'; torch.compile takes"),
+        ({"model": None}, ValueError, "does not take 'model'"),
+        ({"fullgraph": "yes"}, TypeError, "'fullgraph' must be True or False"),
+        ({"options": 3}, TypeError, "'options' must be a dict"),
+        ({"mode": "fastest"}, ValueError, "mode 'fastest' is not one of"),
+        ({"backend": "nope"}, ValueError, "backend 'nope' is not a torch.compile backend"),
+    ],
+)
+def test_a_bad_compile_step_fails_when_the_wrapper_is_made(value: Any, error: type, match: str) -> None:
+    model = _model()
+    with pytest.raises(error, match=match):
+        hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), compile_step=value)
+    with pytest.raises(error, match=match):
+        hwoptim.AmpOptimWrapper(
+            torch.optim.SGD(model.parameters(), lr=0.1), device="cpu", compile_step=value
+        )
+
+
+def test_repr_shows_compile_step() -> None:
+    model = _model()
+    assert "compile_step" not in repr(hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)))
+    wrapper = hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), compile_step=True)
+    assert "  compile_step=True," in repr(wrapper)
+    wrapper = hwoptim.OptimWrapper(
+        torch.optim.SGD(model.parameters(), lr=0.1), compile_step={"mode": "max-autotune"}
+    )
+    assert "  compile_step={'mode': 'max-autotune'}," in repr(wrapper)
+
+
+def test_build_optim_wrapper_passes_compile_step_through() -> None:
+    model = _model()
+    cfg = dict(
+        type="AmpOptimWrapper", optimizer=dict(type="SGD", lr=0.1), device="cpu",
+        dtype="bfloat16", clip_grad=dict(max_norm=1.0), compile_step=EAGER_BACKEND,
+    )
+    wrapper = hwoptim.build_optim_wrapper(model, cfg)
+    assert wrapper._compiled is not None
+    with pytest.raises(ValueError, match="does not take 'mdoe'"):
+        hwoptim.build_optim_wrapper(model, dict(optimizer=dict(type="SGD", lr=0.1),
+                                                compile_step={"mdoe": "default"}))
+
+
+# -- the same results as eager -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_compiled_update_equals_eager_with_norm_clipping_and_an_inf(optimizer: str) -> None:
+    eager = _run(optimizer, False)
+    compiled = _run(optimizer, EAGER_BACKEND)
+    _assert_close(eager, compiled)
+    assert _bad_updates(compiled[1]) == 1  # the inf was caught, and counted once
+    assert compiled[1]._compiled.compiled
+
+
+@pytest.mark.parametrize("optimizer", ["adamw-foreach", "user-defined"])
+def test_compiled_update_equals_eager_with_exact_skip(optimizer: str) -> None:
+    """exact_skip's copy and where() run inside the compiled update: a real skip, and the
+    parameters and state equal the eager exact skip's."""
+    def run(compile_step: Any) -> tuple[nn.Module, hwoptim.OptimWrapper]:
+        model = _model()
+        opt = OPTIMIZERS[optimizer](model)
+        wrapper = hwoptim.OptimWrapper(opt, 2, NORM, exact_skip=True, compile_step=compile_step)
+        _train(wrapper, model, _batches())
+        return model, wrapper
+
+    eager, compiled = run(False), run(EAGER_BACKEND)
+    _assert_close(eager, compiled)
+    assert compiled[1].skipped_steps.item() == 1 and compiled[1].zeroed_steps.item() == 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw-fused"])
+def test_compiled_update_equals_eager_with_value_clipping(optimizer: str) -> None:
+    _assert_close(_run(optimizer, False, clip=VALUE), _run(optimizer, EAGER_BACKEND, clip=VALUE))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "optimizer"),
+    [("bfloat16", "adamw-foreach"), ("float16", "adamw-foreach"), ("float16", "adamw-fused")],
+)
+def test_compiled_update_equals_eager_under_autocast(dtype: str, optimizer: str) -> None:
+    eager = _run(optimizer, False, dtype=dtype)
+    compiled = _run(optimizer, EAGER_BACKEND, dtype=dtype)
+    _assert_close(eager, compiled)
+    if dtype == "float16":  # the scaler's state moved the same way
+        assert compiled[1].loss_scale.item() == eager[1].loss_scale.item()
+
+
+@pytest.mark.filterwarnings("ignore:.*had no items")
+@pytest.mark.parametrize(
+    ("optimizer", "dtype", "clip"),
+    [("adamw-foreach", None, NORM), ("adamw-fused", None, NORM), ("sgd", None, None),
+     ("adamw-foreach", "float16", NORM)],
+)
+def test_compiled_update_equals_eager_with_num_items(optimizer: str, dtype: Any, clip: Any) -> None:
+    """The window's item count divides the gradients before the compiled update; a
+    window without items is skipped and counted, as in eager mode."""
+    counts = [3, 2, 0, 0, 1, 3]  # the second window (micro-batches 2 and 3) has no item
+
+    def run(compile_step: Any) -> tuple[nn.Module, hwoptim.OptimWrapper]:
+        model = _model()
+        wrapper = _wrapper(model, optimizer, compile_step, clip=clip, dtype=dtype)
+        wrapper.initialize_count_status(model, 0, len(counts))
+        for (x, y), n in zip(_batches(inf_at=None), counts):
+            with wrapper.optim_context(model):
+                loss = nn.functional.mse_loss(model(x)[:n], y[:n], reduction="sum")
+            wrapper.update_params(loss, num_items=n)
+        return model, wrapper
+
+    eager, compiled = run(False), run(EAGER_BACKEND)
+    for p, q in zip(eager[0].parameters(), compiled[0].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert compiled[1].skipped_steps.item() == eager[1].skipped_steps.item()
+    assert compiled[1].zeroed_steps.item() == eager[1].zeroed_steps.item()
+    assert _bad_updates(compiled[1]) >= 1
+    torch.testing.assert_close(compiled[1].last_loss, eager[1].last_loss)
+
+
+def test_without_clipping_or_scaler_only_the_step_is_compiled_and_nothing_is_counted() -> None:
+    eager = _run("adamw-foreach", False, clip=None)
+    compiled = _run("adamw-foreach", EAGER_BACKEND, clip=None)
+    for p, q in zip(eager[0].parameters(), compiled[0].parameters()):
+        assert not torch.isfinite(p).all()  # no guard without a check: inf reached the weights
+        torch.testing.assert_close(q, p, equal_nan=True)
+    assert compiled[1].skipped_steps is None and compiled[1].last_grad_norm is None
+
+
+@pytest.mark.parametrize(("optimizer", "counter"), [("sgd", "zeroed_steps"), ("adamw-fused", "skipped_steps")])
+def test_the_counts_read_are_snapshots_not_live_views(optimizer: str, counter: str) -> None:
+    _, wrapper = _run(optimizer, EAGER_BACKEND)
+    seen = getattr(wrapper, counter)
+    assert seen is not None and seen.item() == 1
+    for p in wrapper.optimizer.param_groups[0]["params"]:
+        p.grad = torch.full_like(p, float("nan"))
+    wrapper.step()
+    assert seen.item() == 1 and getattr(wrapper, counter).item() == 2
+
+
+def test_a_checkpoint_resumes_into_a_compiled_wrapper_as_into_an_eager_one() -> None:
+    def resumed(compile_step: Any) -> nn.Module:
+        model, wrapper = _run("adamw-foreach", compile_step)
+        state = wrapper.state_dict()
+        torch.manual_seed(1)
+        fresh = _model()
+        fresh.load_state_dict(model.state_dict())
+        again = _wrapper(fresh, "adamw-foreach", compile_step)
+        again.load_state_dict(state)
+        _train(again, fresh, _batches(4, inf_at=None))
+        return fresh
+
+    for p, q in zip(resumed(False).parameters(), resumed(EAGER_BACKEND).parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_a_deep_copy_compiles_its_own_update_and_steps_its_own_parameters() -> None:
+    model, wrapper = _run("sgd", EAGER_BACKEND)
+    twin = copy.deepcopy(wrapper)
+    twin_params = twin.optimizer.param_groups[0]["params"]
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in twin_params:
+        p.grad = torch.ones_like(p)
+    twin.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert not all(torch.equal(b, p) for b, p in zip(before, twin_params))
+
+
+# -- compiled once ---------------------------------------------------------------------------
+
+
+def _graphs() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw-for-loop"])
+def test_no_recompiles_after_the_first_update_with_an_lr_scheduler(optimizer: str) -> None:
+    """An LR that changes every update: the for-loop optimizers (torch's choice on a CPU)
+    take it as a value, not a constant. (A foreach or fused kernel takes it as a constant,
+    and inductor then compiles once per value: docs/compile.md.)"""
+    model = _model()
+    wrapper = _wrapper(model, optimizer, EAGER_BACKEND, acc=1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(wrapper.optimizer, lambda i: 1 / (i + 1))
+    batches = _batches(12, inf_at=5)
+
+    def train(part: list[Any]) -> None:
+        for x, y in part:
+            with wrapper.optim_context(model):
+                loss = nn.functional.mse_loss(model(x), y)
+            wrapper.update_params(loss)
+            scheduler.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the scheduler's "step() before optimizer.step()"
+        train(batches[:3])
+        graphs = _graphs()
+        assert graphs > 0
+        train(batches[3:])
+    assert _graphs() == graphs, "the update was compiled again after the first updates"
+    assert _bad_updates(wrapper) == 1
+    assert wrapper.get_lr()["lr"][0] == pytest.approx(wrapper.defaults["lr"] / 13)
+
+
+def test_the_only_graph_breaks_are_torch_optimizers_own() -> None:
+    """torch.optim breaks the graph around every step on purpose (so AOT sees an
+    inference graph); nothing in hwoptim's code may add one."""
+    _run("adamw-foreach", EAGER_BACKEND, dtype="float16")
+    _run("sgd", EAGER_BACKEND, clip=VALUE)
+    breaks = counters["graph_break"]
+    assert breaks, "expected torch.optim's deliberate graph breaks"
+    for reason in breaks:
+        assert "graph_break()" in reason or "torch._dynamo.graph_break" in reason, reason
+
+
+# -- a user's own compiled code ----------------------------------------------------------------
+
+
+def test_a_user_compiled_train_step_calling_update_params_does_not_recompile() -> None:
+    model = _model()
+    wrapper = hwoptim.OptimWrapper(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), clip_grad=NORM
+    )
+
+    @torch.compile(backend="eager")
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        wrapper.update_params(nn.functional.mse_loss(model(x), y))
+
+    batches = _batches(10, inf_at=6)
+    for x, y in batches[:3]:
+        train_step(x, y)
+    graphs = _graphs()
+    for x, y in batches[3:]:
+        train_step(x, y)
+    assert _graphs() == graphs
+    assert _bad_updates(wrapper) == 1
+
+
+@pytest.mark.parametrize("compile_step", [False, EAGER_BACKEND])
+def test_a_user_compiled_model_meets_no_recompiles_from_hwoptim(compile_step: Any) -> None:
+    model = _model()
+    compiled_model = torch.compile(model, backend="eager")
+    wrapper = _wrapper(model, "adamw-foreach", compile_step, dtype="bfloat16")
+    batches = _batches(12, inf_at=None)
+    _train(wrapper, compiled_model, batches[:4])
+    graphs = _graphs()
+    _train(wrapper, compiled_model, batches[4:])
+    assert _graphs() == graphs
+
+
+# -- when torch.compile does not work here ---------------------------------------------------
+
+
+def _broken_backend(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+    raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in cpp_builder.py")
+
+
+def _fails_on_the_second_graph() -> Callable[..., Any]:
+    """A backend compiling the first graph (clip and guard) and failing on the next (the
+    optimizer's step): the update is then half done when the compiler gives up."""
+    seen = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+        seen.append(gm)
+        if len(seen) > 1:
+            raise RuntimeError("internal compiler error")
+        return gm.forward
+
+    return backend
+
+
+@pytest.mark.parametrize("backend", [_broken_backend, _fails_on_the_second_graph()])
+def test_a_compiler_failure_falls_back_to_eager_with_one_warning(backend: Any) -> None:
+    eager = _run("adamw-foreach", False)
+    with pytest.warns(RuntimeWarning, match="could not compile the update") as caught:
+        compiled = _run("adamw-foreach", {"backend": backend})
+    ours = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(ours) == 1
+    message = str(ours[0].message)
+    assert "runs uncompiled" in message
+    assert "C++ compiler" in message or "internal compiler error" in message  # the cause
+    assert not compiled[1]._compiled.compiled
+    _assert_close(eager, compiled)
+
+
+def test_a_torch_without_torch_compile_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unsupported(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("torch.compile is not supported on Python 3.15+")
+
+    eager = _run("sgd", False, dtype="float16")
+    monkeypatch.setattr(torch, "compile", unsupported)
+    with pytest.warns(RuntimeWarning, match="not supported on Python 3.15"):
+        compiled = _run("sgd", True, dtype="float16")
+    _assert_close(eager, compiled)
+
+
+# -- the real compiler -----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")),
+    reason="inductor's CPU backend needs a C++ compiler (the fallback is tested above)",
+)
+def test_inductor_compiles_the_update_once_and_matches_eager() -> None:
+    """The default backend (C++ code for the CPU): compiled once, equal to float tolerance."""
+    eager = _run("adamw-foreach", False)
+    compiled = _run("adamw-foreach", True)
+    assert compiled[1]._compiled.compiled, compiled[1]._compiled.reason
+    _assert_close(eager, compiled)
