@@ -988,12 +988,13 @@ class OptimWrapper:
         update.
         """
         one = flag.reshape(()).float()
-        count = self._zeroed if zeroed else self._skipped
-        count = one if count is None else count + one.to(count.device)
+        skipped = torch.zeros_like(one) if self._skipped is None else self._skipped
+        count = torch.zeros_like(one) if self._zeroed is None else self._zeroed
         if zeroed:
-            self._zeroed = count
+            count = count + one.to(count.device)
         else:
-            self._skipped = count
+            skipped = skipped + one.to(skipped.device)
+        self._skipped, self._zeroed = skipped, count  # both exist once either does, as eagerly
 
     def _fold_skipped(self) -> None:
         """Fold the pending records into skipped_steps and zeroed_steps, on the device."""
