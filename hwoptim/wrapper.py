@@ -561,7 +561,10 @@ class OptimWrapper:
         """
         step = self._optimizer_step
         assert step is not None
-        norm = None if self._clip_fn is None else self._clip_fn(params)
+        norm = None
+        if self._clip_fn is not None:
+            # set before the step, as eagerly: a step post-hook logs it (hwoptim.mmengine)
+            norm = self.last_grad_norm = self._clip_fn(params)
         if found is not None:  # a scaler: its found_inf says (an empty window included)
             self._count_skipped(found)
             if not self._scaler_steps:

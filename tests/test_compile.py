@@ -449,3 +449,25 @@ def test_inductor_compiles_the_update_once_and_matches_eager() -> None:
     compiled = _run("adamw-foreach", True)
     assert compiled[1]._compiled.compiled, compiled[1]._compiled.reason
     _assert_close(eager, compiled)
+
+
+def test_mmengine_logging_sees_each_compiled_update_and_compiles_nothing_more() -> None:
+    """Under mmengine (hwoptim.mmengine), a step post-hook queues the grad norm for the
+    MessageHub: it sees each update's norm (set before the step, as eagerly), and pushing
+    it compiles nothing again."""
+    from mmengine.logging import MessageHub
+
+    def logged(compile_step: Any, name: str) -> list[float]:
+        hub = MessageHub.get_instance(name)  # the current instance from now on
+        model = _model()
+        wrapper = _wrapper(model, "adamw-foreach", compile_step, acc=1)
+        _train(wrapper, model, _batches(8, inf_at=None)[:3])
+        graphs = _graphs()
+        _train(wrapper, model, _batches(8, inf_at=None)[3:])
+        assert _graphs() == graphs
+        return [float(v) for v in hub.get_scalar("train/grad_norm").data[0]]
+
+    eager = logged(False, "test_compile_eager")
+    compiled = logged(EAGER_BACKEND, "test_compile_compiled")
+    assert len(compiled) == len(eager) == 8
+    assert compiled == pytest.approx(eager, rel=1e-5)
