@@ -121,15 +121,20 @@ class CompiledUpdate:
         return self.reason is None
 
     def first_call(self, save: Callable[[], Callable[[], None]], *args: Any) -> Any:
-        """Compile and run; on failure undo (``save()`` returns the undo), warn, run plain."""
+        """Compile and run; on failure undo (``save()`` returns the undo) and run plain.
+
+        Only when the plain function then succeeds was the failure the compiler's: warn and
+        stay uncompiled. An error of the update itself (a bad ``step_kwargs``) is raised
+        by the plain run, as eagerly, and the next update tries compiling again.
+        """
         undo = save()
         try:
             self._fn = torch.compile(self._plain, **self._kwargs)
             out = self._fn(*args)
-        except Exception as exc:  # any compiler failure: fall back, loudly
+        except Exception as exc:
             undo()
-            self._give_up(exc)
             out = self._plain(*args)
+            self._give_up(exc)
         self._ready = True
         return out
 

@@ -425,6 +425,18 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(backend: Any) -
     _assert_close(eager, compiled)
 
 
+def test_an_error_of_the_update_itself_is_raised_and_compiling_is_not_given_up() -> None:
+    model = _model()
+    wrapper = _wrapper(model, "adamw-foreach", EAGER_BACKEND, acc=1)
+    x, y = _batches(1, inf_at=None)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback warning
+        with pytest.raises(TypeError, match="nope"):
+            wrapper.update_params(nn.functional.mse_loss(model(x), y), step_kwargs={"nope": 1})
+        wrapper.update_params(nn.functional.mse_loss(model(x), y))
+    assert wrapper._compiled.compiled and wrapper._compiled.ready
+
+
 def test_a_torch_without_torch_compile_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     def unsupported(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("torch.compile is not supported on Python 3.15+")
