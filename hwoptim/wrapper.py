@@ -221,10 +221,11 @@ class OptimWrapper:
             Without it, or where the state cannot be restored on the device, such an update
             is a step with zeroed gradients (counted in ``zeroed_steps``; see ``step``).
         compile_step: False (eager), True, or a dict of ``torch.compile`` keyword arguments:
-            run each update (unscale where a scaler is on, clip, non-finite guard, skip
-            count, optimizer step) as one function compiled by ``torch.compile``, once per
-            wrapper. Pays off with many parameter tensors and non-fused optimizers; see
-            ``_update_body`` for what is compiled and docs/compile.md for the costs.
+            run each update (clip, non-finite guard, skip counts, optimizer step) as one
+            function compiled by ``torch.compile``, once per wrapper; a scaler's unscale
+            and update, and the ``num_items`` division, run eagerly around it. Pays off with
+            many parameter tensors and non-fused optimizers; see ``_update_body`` for what
+            is compiled and docs/compile.md for the costs.
 
     Example::
 
