@@ -572,7 +572,8 @@ class OptimWrapper:
                 step(**kwargs)  # a fused optimizer, with the scaler's found_inf
             return norm
         if norm is None and empty is None:  # nothing to check
-            step(**kwargs)
+            if not self._scaler_steps:
+                step(**kwargs)
             return norm
         bad = _bad_update(norm, empty)
         if self._takes_found_inf:
