@@ -477,7 +477,7 @@ class OptimWrapper:
 
     def _step_restoring(
         self, norm: Tensor | None, found_inf: Tensor, kwargs: Mapping[str, Any],
-        step: Callable[..., Any] | None = None,
+        step: Callable[..., Any] | None = None, all_params: list[Tensor] | None = None,
     ) -> None:
         """``exact_skip``: a zeroed step, then undone on the device when ``found_inf`` > 0.
 
@@ -488,10 +488,13 @@ class OptimWrapper:
         about to create, a state value that is not a tensor on the flag's device (the host
         step count of a non-capturable Adam on a GPU), or a state tensor the step replaced
         by one of another shape -- nothing is restored and the update counts as zeroed.
-        ``step``: what steps the optimizer (compile_step passes its own), by default
-        ``optimizer.step``.
+        ``step``, ``all_params``: what steps the optimizer and the flat parameter list
+        (compile_step passes its own: decided outside the compiled code), by default
+        ``optimizer.step`` and ``_flat_params()``.
         """
-        params = [p for p in self._flat_params() if p.grad is not None]
+        if all_params is None:
+            all_params = self._flat_params()
+        params = [p for p in all_params if p.grad is not None]
         if norm is not None:
             self._zero_nonfinite_grads(norm, [p.grad for p in params if p.grad is not None])
         device = found_inf.device
@@ -582,7 +585,7 @@ class OptimWrapper:
             step(**kwargs)
             self._count_skipped(bad)
         elif self._exact_skip:
-            self._step_restoring(norm, bad, kwargs, step)
+            self._step_restoring(norm, bad, kwargs, step, params)
         else:
             if norm is not None:  # compiled, this pass fuses with the clip
                 self._zero_nonfinite_grads(norm, [p.grad for p in params if p.grad is not None])
