@@ -9,6 +9,7 @@ inductor backend on a tiny model, for the numbers of real generated code.
 from __future__ import annotations
 
 import copy
+import io
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -308,6 +309,24 @@ def test_a_deep_copy_compiles_its_own_update_and_steps_its_own_parameters() -> N
     twin.step()
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert not all(torch.equal(b, p) for b, p in zip(before, twin_params))
+
+
+def test_a_saved_and_loaded_wrapper_compiles_again_and_trains_its_own_model() -> None:
+    """torch.save/torch.load of (model, wrapper), an LR scheduler on the optimizer: the copy
+    compiles its own update, for its own optimizer, and leaves the original alone."""
+    model = _model()
+    wrapper = _wrapper(model, "adamw-foreach", EAGER_BACKEND, acc=1)
+    torch.optim.lr_scheduler.LambdaLR(wrapper.optimizer, lambda i: 1 / (i + 1))
+    _train(wrapper, model, _batches(3, inf_at=None))
+    buffer = io.BytesIO()
+    torch.save((model, wrapper), buffer)
+    buffer.seek(0)
+    model2, wrapper2 = torch.load(buffer, weights_only=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(wrapper2, model2, _batches(3, inf_at=None))
+    assert wrapper2._compiled.compiled and wrapper2._optimizer_step.__self__ is wrapper2.optimizer
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert not all(torch.equal(b, p) for b, p in zip(before, model2.parameters()))
 
 
 # -- compiled once ---------------------------------------------------------------------------
