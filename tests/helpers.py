@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def total_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -70,3 +72,17 @@ def copied(obj: Any, how: str) -> Any:
     if how == "deepcopy":
         return copy.deepcopy(obj)
     raise ValueError(f"how must be one of {COPIES}; got {how!r}")
+
+
+class WithNoSync(nn.Linear):
+    """A stand-in for DDP: records when its gradient sync is switched off and on."""
+
+    def __init__(self, in_features: int = 2, out_features: int = 2) -> None:
+        super().__init__(in_features, out_features)
+        self.log: list[str] = []
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self.log.append("off")
+        yield
+        self.log.append("on")

@@ -3,16 +3,14 @@ after the first step, and what a "skipped" step really is for each kind of optim
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import warnings
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
 import torch
-from helpers import total_norm
+from helpers import WithNoSync, total_norm
 from torch import nn
 
 import hwoptim.wrapper
@@ -180,23 +178,9 @@ class Boom(torch.autograd.Function):
         raise RuntimeError("backward failed")
 
 
-class WithNoSync(nn.Linear):
-    """A stand-in for DDP: records when its gradient sync is switched off and on."""
-
-    def __init__(self) -> None:
-        super().__init__(8, 1)
-        self.log: list[str] = []
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        self.log.append("off")
-        yield
-        self.log.append("on")
-
-
 @pytest.mark.parametrize("pattern", ["mmengine", "inside"])
 def test_a_backward_that_raises_ends_the_sync_skip_and_is_not_counted(pattern):
-    model = WithNoSync()
+    model = WithNoSync(8, 1)
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
     wrapper.initialize_count_status(model, 0, 10)
     with pytest.raises(RuntimeError, match="backward failed"):

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
+from helpers import WithNoSync
 from torch import nn
 
 import hwoptim
-
-
-class WithNoSync(nn.Linear):
-    """A stand-in for DDP: records when its gradient sync is switched off and on."""
-
-    def __init__(self) -> None:
-        super().__init__(2, 2)
-        self.log: list[str] = []
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        self.log.append("off")
-        yield
-        self.log.append("on")
 
 
 def _train(wrapper: hwoptim.OptimWrapper, model: nn.Module, steps: int) -> None:
