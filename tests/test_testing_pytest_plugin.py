@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+# mock_backend imports torch's compiler stack on entry. pytester's in-process runs forget the
+# modules imported inside them, and torch's compiler stack registers operator libraries that
+# cannot be registered twice: import it before any inner run, as the whole suite already has.
+import torch._dynamo  # noqa: F401
+
 SUITE = """
     import os
     from hwoptim import get_backend
