@@ -32,20 +32,16 @@ _LOSS_SCALE_HELP = (
 )
 
 
-def _finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
 # Each GradScaler argument, and each value of its state dict, with what it must be: torch
 # checks none of these, so a bad one writes NaN into the weights (a scale of 0), skips every
 # step (inf/nan) or fails only at the first step.
 def _check_scale(value: Any, what: str) -> float:
-    return check_real(value, what, "a positive finite number", lambda x: _finite(x) and x > 0)
+    return check_real(value, what, "a positive finite number", lambda x: math.isfinite(x) and x > 0)
 
 
 def _check_growth_factor(value: Any, what: str) -> float:
     return check_real(value, what, "a finite number > 1 (the scale grows by it)",
-                      lambda x: _finite(x) and x > 1)
+                      lambda x: math.isfinite(x) and x > 1)
 
 
 def _check_backoff_factor(value: Any, what: str) -> float:

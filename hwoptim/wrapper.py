@@ -41,11 +41,13 @@ STATE_KEY = "hwoptim"
 _WRAPPER_KEYS = frozenset({STATE_KEY, "loss_scaler", "base_param_settings"})
 _EMPTY: Mapping[str, Any] = {}
 #: what a wrapper derives from the model it is bound to (and host-side caches a copy must
-#: not share); a copy rebuilds it (see __getstate__)
-_BINDING = (
-    "_model", "_model_type", "_pending_no_sync", "_skips_sync", "_params", "_n_groups", "_clip_fn",
-    "_n_params", "_items_reduction", "_empty_mirror",
-)
+#: not share), with the values of an unbound wrapper; a copy starts from these and rebuilds
+#: the rest (see __getstate__). _params gets a fresh list of its own.
+_BINDING: dict[str, Any] = {
+    "_model": None, "_model_type": None, "_pending_no_sync": None, "_skips_sync": False,
+    "_params": [], "_n_groups": -1, "_n_params": -1, "_clip_fn": None,
+    "_items_reduction": None, "_empty_mirror": None,
+}
 #: updates between two folds of the lazily kept skip records into skipped_steps
 _FOLD_EVERY = 256
 _GROUP_PARAMS = operator.itemgetter("params")
@@ -161,6 +163,8 @@ def _rank() -> int:
     """This process's rank in the default process group; 0 outside torch.distributed."""
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def join_mmengine(wrapper: OptimWrapper) -> None:
     """Let ``wrapper`` work under mmengine's Runner (isinstance, logging): hwoptim.mmengine.
 
@@ -383,8 +387,7 @@ class OptimWrapper:
             try:
                 self.zero_grad(**(zero_kwargs or _EMPTY))
             except BaseException:
-                self.optimizer.zero_grad()
-                self._reset_window()
+                self._abandon_step()
                 raise
 
     def backward(
@@ -752,10 +755,7 @@ class OptimWrapper:
         # its gradients divided by the exact count. An empty window divides by inf: its
         # gradients, zero sums over no item, stay zero.
         per_item = torch.where(empty, torch.inf, items / divisor)
-        grads = [
-            p.grad for group in self.optimizer.param_groups for p in group["params"]
-            if p.grad is not None
-        ]
+        grads = [p.grad for p in self._flat_params() if p.grad is not None]
         if grads:
             torch._foreach_div_(grads, per_item)
         self._last_loss = loss_sum / items
@@ -1145,7 +1145,7 @@ class OptimWrapper:
             raise ValueError(f"{where} must be a dict {{index: tensor}}; got {type(grads).__name__}")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"state dict entry {STATE_KEY}.grads_rank must be an int >= 0; got {rank!r}")
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        params = self._flat_params()
         restored: list[Tensor | None] = [None] * len(params)
         for index, grad in grads.items():
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(params):
@@ -1213,8 +1213,7 @@ class OptimWrapper:
     def _restore_grads(self, grads: list[Tensor | None]) -> None:
         """Put a window's saved gradients back: copies, on each parameter's device and in
         its dtype; a parameter without a saved gradient gets none."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        for param, grad in zip(params, grads):
+        for param, grad in zip(self._flat_params(), grads):
             param.grad = None if grad is None else grad.to(param.device, param.dtype, copy=True)
         self._grads_restored_at = self._inner_count
 
@@ -1258,15 +1257,8 @@ class OptimWrapper:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._model = None
-        self._model_type = None
-        self._pending_no_sync = None
-        self._skips_sync = False
-        self._params = []
-        self._n_groups = self._n_params = -1
-        self._clip_fn = None
-        self._items_reduction = None  # found again for the model the copy is given
-        self._empty_mirror = None  # pinned host memory of its own
+        for key, unbound in _BINDING.items():
+            setattr(self, key, [] if key == "_params" else unbound)
         self._rebuild_clip_fn()
         if "mmengine" in sys.modules:  # the optimizer's logging hook is not copied: add it
             join_mmengine(self)
@@ -1318,7 +1310,7 @@ class OptimWrapper:
         if not own:  # nothing to compare with (a functional model, a stub)
             return
         device = self._placement_device()
-        held = [p for group in self.optimizer.param_groups for p in group["params"]]
+        held = self._flat_params()
         foreign = [p for p in held if id(p) not in own]
         misplaced = [p for p in held if device is not None and p.device.type != device.type]
         if not foreign and not misplaced:
