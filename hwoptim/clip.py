@@ -253,7 +253,7 @@ class _MeshAgreement:
             return norm
         import torch.distributed as dist
 
-        bad = (norm * 0.0).nan_to_num_(nan=1.0)  # 1 where inf or nan, else 0
+        bad = nonfinite_flag(norm)
         anywhere = bad.clone()
         for group in self._groups:
             dist.all_reduce(anywhere, group=group)
@@ -269,6 +269,13 @@ def _agreement_groups(mesh: Any) -> tuple[Any, ...]:
     if mesh.size() == dist.get_world_size():
         return (None,)  # the default group: one all-reduce
     return tuple(mesh.get_group(dim) for dim in range(mesh.ndim) if mesh.size(dim) > 1)
+
+
+def nonfinite_flag(norm: Tensor) -> Tensor:
+    """1.0 where ``norm`` is inf or nan, else 0.0, as a float32 tensor on norm's device:
+    a found_inf computed on the device, with no host sync."""
+    found = (norm * 0.0).nan_to_num_(nan=1.0)  # inf*0 and nan*0 are nan; finite*0 is 0
+    return found if found.dtype == torch.float32 else found.float()
 
 
 def global_norm(norm: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from hwoptim._numbers import as_int, check_int
 from hwoptim.backends.base import has_gradient_sync, skip_gradient_sync, unwrap_compiled
-from hwoptim.clip import ClipFn, ClipGrad, parse_clip_grad
+from hwoptim.clip import ClipFn, ClipGrad, nonfinite_flag, parse_clip_grad
 from hwoptim.compile import CompiledUpdate, CompileStep, parse_compile_step
 from hwoptim.num_items import (
     HostMirror,
@@ -74,19 +74,13 @@ def _takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
         return False
 
 
-def _found_inf(norm: Tensor) -> Tensor:
-    """1.0 where ``norm`` is inf or nan, else 0.0, as a float32 tensor on norm's device."""
-    found = (norm * 0.0).nan_to_num_(nan=1.0)  # inf*0 and nan*0 are nan; finite*0 is 0
-    return found if found.dtype == torch.float32 else found.float()
-
-
 def _bad_update(norm: Tensor | None, empty: Tensor | None) -> Tensor:
     """An update's found_inf: 1.0 when its gradient norm is inf or nan or (``num_items``)
     its window held no item, else 0.0; a float32 tensor on the device."""
     if norm is None:
         assert empty is not None, "an update without clipping has no norm to check"
         return empty
-    found = _found_inf(norm)
+    found = nonfinite_flag(norm)
     return found if empty is None else torch.maximum(found, empty)
 
 

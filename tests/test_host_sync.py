@@ -259,7 +259,7 @@ def _inject_into_wrapper(monkeypatch: pytest.MonkeyPatch, statement: str) -> Non
     source = (
         "def _clip_grads(self):\n"
         "    norm = _original_clip_grads(self)\n"
-        "    found_inf = _found_inf(norm)\n"  # 0.0 or 1.0: int() and bool() work on it
+        "    found_inf = nonfinite_flag(norm)\n"  # 0.0 or 1.0: int() and bool() work on it
         f"    {statement}\n"
         "    return norm\n"
     )
