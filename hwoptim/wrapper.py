@@ -134,8 +134,7 @@ def _check_items_window(window: Any) -> tuple[Tensor, Tensor | None, int] | None
             continue
         if not isinstance(value, Tensor) or value.numel() != 1 or value.is_complex():
             raise ValueError(f"{where}.{name} must be a one-element real tensor; got {value!r:.80}")
-    if isinstance(host_items, bool) or not isinstance(host_items, int) or host_items < 0:
-        raise ValueError(f"{where}.host_items must be an int >= 0; got {host_items!r}")
+    host_items = check_int(host_items, f"{where}.host_items", 0)
     return loss, items, host_items
 
 
@@ -1137,8 +1136,7 @@ class OptimWrapper:
         where = f"state dict entry {STATE_KEY}.grads"
         if not isinstance(grads, Mapping):
             raise ValueError(f"{where} must be a dict {{index: tensor}}; got {type(grads).__name__}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise ValueError(f"state dict entry {STATE_KEY}.grads_rank must be an int >= 0; got {rank!r}")
+        rank = check_int(rank, f"state dict entry {STATE_KEY}.grads_rank", 0)
         params = self._flat_params()
         restored: list[Tensor | None] = [None] * len(params)
         for index, grad in grads.items():
