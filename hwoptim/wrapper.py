@@ -1288,43 +1288,38 @@ class OptimWrapper:
         self._rebuild_clip_fn()
 
     def _check_params_of(self, model: Any) -> None:
-        """Once per model: the optimizer must hold the model's own parameters, on the
-        wrapper's device.
+        """Once per model: the optimizer's parameters must be where the model computes.
 
         An optimizer built before ``model.to(device)`` breaks this on every device whose
         tensors are not shallow-copy compatible with the CPU's (all out-of-tree ones, such
         as NPUs and hwoptim.testing.emulated): ``to()`` gives the module new parameters and
         the optimizer keeps stepping the old CPU ones, so training silently does nothing.
+        Only a parameter on another device type than the wrapper's (or, for a wrapper
+        without a device, than every parameter of the model) is refused: parameters that are
+        merely not the model's (a learnable loss temperature, the other model of a GAN) are
+        fine, as in mmengine.
         """
         if not isinstance(model, torch.nn.Module):
             return
-        own = {id(p) for p in model.parameters()}
-        if not own:  # nothing to compare with (a functional model, a stub)
-            return
         device = self._placement_device()
-        held = self._flat_params()
-        foreign = [p for p in held if id(p) not in own]
-        misplaced = [p for p in held if device is not None and p.device.type != device.type]
-        if not foreign and not misplaced:
-            return
-        first = (foreign or misplaced)[0]
-        if foreign:
-            problem = (
-                f"the optimizer holds {len(foreign)} parameter(s) that are not parameters of "
-                f"the model given to the wrapper (the first: shape {tuple(first.shape)} on "
-                f"{first.device})"
-            )
+        if device is not None:
+            allowed = {device.type}
         else:
-            problem = (
-                f"{len(misplaced)} of the optimizer's parameters are not on the wrapper's "
-                f"device {device} (the first: shape {tuple(first.shape)} on {first.device})"
-            )
+            allowed = {p.device.type for p in model.parameters()}
+            if len(allowed) != 1:  # no parameters, or a model spread over devices on purpose
+                return
+        misplaced = [p for p in self._flat_params() if p.device.type not in allowed]
+        if not misplaced:
+            return
+        first = misplaced[0]
+        where = f"the wrapper's device {device}" if device is not None else f"the model's device ({allowed.pop()})"
         advice = _MMENGINE_PLACEMENT if "mmengine.runner" in sys.modules else ""
         raise RuntimeError(
-            f"{problem}. Move the model to the device before building the optimizer: on "
-            "many devices model.to(device) replaces the parameters, and an optimizer built "
-            "earlier keeps the old ones. For example: device = "
-            "hwoptim.get_backend('auto').device(); model.to(device); then build the "
+            f"{len(misplaced)} of the optimizer's parameters are not on {where} (the first: "
+            f"shape {tuple(first.shape)} on {first.device}). Move the model to the device "
+            "before building the optimizer: on many devices model.to(device) replaces the "
+            "parameters, and an optimizer built earlier keeps the old ones. For example: "
+            "device = hwoptim.get_backend('auto').device(); model.to(device); then build the "
             f"optimizer and the wrapper (device=device){advice}"
         )
 

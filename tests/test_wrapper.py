@@ -408,15 +408,40 @@ def test_value_clipping_without_any_gradient_steps_like_mmengine(foreach):
 def test_an_optimizer_of_replaced_parameters_is_refused_when_the_model_is_given():
     model = make_model()
     wrapper = OptimWrapper(sgd(model), accumulative_counts=2)
-    # What model.to(<out-of-tree device>) does: new Parameter objects in the module.
+    # What model.to(<out-of-tree device>) does: new Parameter objects, on the new device, in
+    # the module; the optimizer keeps the old ones ("meta" stands for the new device).
     for module in (model[0], model[2]):
-        module.weight = nn.Parameter(module.weight.detach().clone())
-    with pytest.raises(RuntimeError, match=r"2 parameter\(s\) that are not parameters of the model.*"
-                       r"Move the model to the device before building the optimizer"):
+        module.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"))
+        module.bias = nn.Parameter(torch.empty_like(module.bias, device="meta"))
+    with pytest.raises(RuntimeError, match=r"4 of the optimizer's parameters are not on the model's device "
+                       r"\(meta\).*Move the model to the device before building the optimizer"):
         wrapper.initialize_count_status(model, 0, 10)
     with pytest.raises(RuntimeError, match="before building the optimizer"):
         with wrapper.optim_context(model):
             pass
+
+
+def test_parameters_that_are_not_the_models_but_on_its_device_are_fine():
+    # mmengine accepts these: a learnable loss temperature, another model's parameters.
+    model = make_model()
+    temperature = nn.Parameter(torch.ones(()))
+    other = nn.Linear(3, 3)
+    wrapper = OptimWrapper(
+        torch.optim.AdamW([*model.parameters(), temperature, *other.parameters()], lr=0.1),
+        clip_grad=dict(max_norm=1.0))
+    wrapper.initialize_count_status(model, 0, 10)
+    with wrapper.optim_context(model):
+        loss = loss_of(model, 0) * temperature
+    before = temperature.detach().clone()
+    wrapper.update_params(loss)
+    assert not torch.equal(temperature.detach(), before)  # trained with the model
+
+
+def test_a_model_spread_over_device_types_is_not_checked_without_a_wrapper_device():
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model))
+    model[2].weight = nn.Parameter(torch.empty_like(model[2].weight, device="meta"))
+    wrapper.initialize_count_status(model, 0, 10)  # cpu and meta: nothing to compare with
 
 
 def test_the_parameter_check_runs_once_per_model():
