@@ -73,3 +73,17 @@ def given(value: Any) -> str:
     if not isinstance(value, numbers.Number) and callable(getattr(value, "item", None)):
         shown += "; a tensor or array is not taken as a number: pass float(x) or int(x)"
     return shown
+
+
+def check_flag(value: Any, what: str) -> bool:
+    """``value`` if it is True or False, else a TypeError saying what was given."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False; got {given(value)}")
+    return value
+
+
+def check_optional_flag(value: Any, what: str) -> bool | None:
+    """``value`` if it is True, False or None, else a TypeError saying what was given."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{what} must be True, False or None; got {given(value)}")
+    return value

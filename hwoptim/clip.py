@@ -15,7 +15,7 @@ from typing import Any, Callable, cast
 import torch
 from torch import Tensor
 
-from hwoptim._numbers import check_positive
+from hwoptim._numbers import check_flag, check_optional_flag, check_positive
 from hwoptim.backends.base import unwrap_compiled
 
 ClipFn = Callable[[Sequence[Tensor]], Tensor]
@@ -34,10 +34,8 @@ def _number(kind: str, key: str, value: Any, *, allow_inf: bool = False) -> floa
 def _flag(kind: str, key: str, value: Any, *, allow_none: bool = False) -> bool | None:
     if value is None and allow_none:
         return None
-    if not isinstance(value, bool):
-        allowed = "True, False or None" if allow_none else "True or False"
-        raise ValueError(f"clip_grad {kind!r}: {key} must be {allowed}; got {value!r}")
-    return value
+    what = f"clip_grad {kind!r}: {key}"
+    return check_optional_flag(value, what) if allow_none else check_flag(value, what)
 
 
 class ClipGrad:

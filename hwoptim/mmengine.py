@@ -14,8 +14,9 @@ through :func:`hwoptim.build_optim_wrapper`, so a config can hold one wrapper co
 submodule (GANs) and name optimizers by ``"module:Class"``, which mmengine's default
 constructor cannot.
 
-Every hwoptim wrapper built while mmengine is imported joins it (:func:`join`, called by the
-wrapper's constructor only when ``"mmengine" in sys.modules``, so ``import hwoptim`` never
+Every hwoptim wrapper built while mmengine is imported joins it (:func:`join`, which this
+module subscribes to hwoptim's registration point, hwoptim._extensions; the core imports this
+module only once a wrapper is made while mmengine is imported, so ``import hwoptim`` never
 imports mmengine and a plain loop pays nothing):
 
 - mmengine's Runner, strategies, schedulers and hooks check ``isinstance(w, OptimWrapper)``
@@ -40,6 +41,7 @@ imports mmengine and a plain loop pays nothing):
 
 from __future__ import annotations
 
+import sys
 import weakref
 from abc import ABCMeta
 from collections.abc import Iterable, Mapping
@@ -58,6 +60,7 @@ from mmengine.registry import OPTIMIZERS as _MM_OPTIMIZERS
 from mmengine.registry import Registry
 from torch import Tensor, nn
 
+from hwoptim import _extensions
 from hwoptim.amp import AmpOptimWrapper
 from hwoptim.backends import get_backend
 from hwoptim.build import build_optim_wrapper, resolve_optimizer_type
@@ -408,6 +411,20 @@ def leave(wrapper: OptimWrapper) -> None:
     hook = _hooks.pop(wrapper, None)
     if hook is not None:
         hook.handle.remove()
+
+
+def _placement_advice() -> str:
+    """The misplaced-parameters error's advice under mmengine's Runner, which moves the model."""
+    if "mmengine.runner" not in sys.modules:
+        return ""
+    return (
+        "; under mmengine's Runner, which puts the model on mmengine.device.get_device() (the "
+        "CPU on devices mmengine does not know), add constructor='hwoptim.OptimWrapperConstructor' "
+        "to the optim_wrapper config: it places the model on the wrapper's device first"
+    )
+
+
+_extensions.subscribe(__name__, on_new_wrapper=join, placement_advice=_placement_advice)
 
 
 # -- item-weighted accumulation: num_items from the model's losses ---------------------------

@@ -10,13 +10,13 @@ with missing or unknown names raises before anything is loaded.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 from typing import Any, NoReturn
 
 from torch import Tensor
 
-from hwoptim.wrapper import OptimWrapper, join_mmengine
+from hwoptim import _extensions
+from hwoptim.wrapper import OptimWrapper
 
 
 class OptimWrapperDict(OptimWrapper):
@@ -45,8 +45,7 @@ class OptimWrapperDict(OptimWrapper):
         # No OptimWrapper.__init__: there is no single optimizer. Every member OptimWrapper
         # defines is overridden below.
         self.optim_wrappers: dict[str, OptimWrapper] = dict(optim_wrappers)
-        if "mmengine" in sys.modules:
-            join_mmengine(self)
+        _extensions.wrapper_created(self)
 
     # -- what must be called on a named wrapper ------------------------------------------
 
@@ -210,11 +209,11 @@ class OptimWrapperDict(OptimWrapper):
                 f"unknown name(s) {unknown}, missing name(s) {missing}"
             )
         plans = {
-            name: wrapper._check_state_dict(state_dict[name])
+            name: wrapper._plan_load(state_dict[name])
             for name, wrapper in self.optim_wrappers.items()
         }
         for name, wrapper in self.optim_wrappers.items():
-            wrapper._apply_state_dict(state_dict[name], plans[name])
+            wrapper._apply_load(plans[name])
 
     # -- copies ----------------------------------------------------------------------------
 
@@ -224,8 +223,7 @@ class OptimWrapperDict(OptimWrapper):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        if "mmengine" in sys.modules:  # the members log under their names again
-            join_mmengine(self)
+        _extensions.wrapper_created(self)  # the members log under their names again
 
     # -- mapping protocol ------------------------------------------------------------------
 

@@ -218,7 +218,7 @@ def _fsdp2_num_items(rank: int, hsdp: bool = False) -> dict[str, Any]:
     with counting_reduce_scatter() as scatters, counting("all_reduce") as all_reduces:
         record = _train_items(wrapper, model, rank, False, lambda: scatters[0], all_reduces)
     record["params"] = params_of(model)
-    record["reduction"] = repr(wrapper._items_reduction)
+    record["reduction"] = repr(wrapper._items.reduction)
     return record
 
 

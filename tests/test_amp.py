@@ -88,7 +88,7 @@ def test_unknown_dtype_name():
 def test_loss_scale_rules(loss_scale, dtype, scaled, fixed):
     wrapper = AmpOptimWrapper(adamw(make_model()), device="cpu", dtype=dtype, loss_scale=loss_scale)
     assert (wrapper.loss_scaler is not None) is scaled
-    assert wrapper._scale_update_param == fixed
+    assert wrapper._precision.fixed_scale == fixed
     if scaled:
         assert isinstance(wrapper.loss_scaler, torch.amp.GradScaler)
 
@@ -135,8 +135,6 @@ def test_unknown_loss_scale_dict_key():
         ("growth_interval", 1.5, "an int >= 1"),
         ("growth_interval", 0, "an int >= 1"),
         ("growth_interval", True, "an int >= 1"),
-        ("enabled", 1, "True or False"),
-        ("enabled", "yes", "True or False"),
     ],
 )
 def test_every_loss_scale_dict_value_is_checked_at_construction(key, bad, allowed):
@@ -145,6 +143,12 @@ def test_every_loss_scale_dict_value_is_checked_at_construction(key, bad, allowe
     optimizer = adamw(make_model())
     with pytest.raises(ValueError, match=rf"loss_scale\['{key}'\] must be {allowed}.*got {re.escape(repr(bad))}"):
         AmpOptimWrapper(optimizer, device="cpu", dtype="float16", loss_scale={key: bad})
+
+
+@pytest.mark.parametrize("bad", [1, "yes"])
+def test_a_loss_scale_enabled_that_is_no_bool_is_a_type_error(bad):
+    with pytest.raises(TypeError, match=rf"loss_scale\['enabled'\] must be True or False; got {re.escape(repr(bad))}"):
+        AmpOptimWrapper(adamw(make_model()), device="cpu", dtype="float16", loss_scale={"enabled": bad})
 
 
 def test_numpy_scalars_are_accepted_for_every_loss_scale_value():
@@ -159,7 +163,7 @@ def test_numpy_scalars_are_accepted_for_every_loss_scale_value():
             scaler.get_growth_interval()) == (64.0, 4.0, 0.25, 3)
     assert type(scaler._init_scale) is float and type(scaler._growth_interval) is int
     fixed = AmpOptimWrapper(adamw(make_model()), device="cpu", loss_scale=np.int32(512))
-    assert fixed._scale_update_param == 512.0 and type(fixed._scale_update_param) is float
+    assert fixed._precision.fixed_scale == 512.0 and type(fixed._precision.fixed_scale) is float
 
 
 def test_device_forms():
@@ -333,15 +337,15 @@ def test_float32_amp_equals_the_plain_wrapper_exactly():
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", None])
 def test_step_goes_through_the_scaler(dtype):
     wrapper = AmpOptimWrapper(adamw(make_model()), device="cpu", dtype=dtype, loss_scale=2.0)
-    wrapper.loss_scaler = mock.MagicMock()
+    wrapper._precision.scaler = mock.MagicMock()  # the precision policy calls it
     wrapper.step()
     wrapper.loss_scaler.step.assert_called_once_with(wrapper.optimizer)
-    wrapper.loss_scaler.update.assert_called_once_with(wrapper._scale_update_param)
+    wrapper.loss_scaler.update.assert_called_once_with(wrapper._precision.fixed_scale)
 
 
 def test_backward_goes_through_the_scaler():
     wrapper = AmpOptimWrapper(adamw(make_model()), device="cpu", dtype="float16")
-    wrapper.loss_scaler = mock.MagicMock()
+    wrapper._precision.scaler = mock.MagicMock()  # the precision policy calls it
     wrapper.backward(1)  # type: ignore[arg-type]
     wrapper.loss_scaler.scale.assert_called_once_with(1)
     wrapper.loss_scaler.scale.return_value.backward.assert_called_once_with()
@@ -410,7 +414,7 @@ def test_a_malformed_scaler_state_raises_before_anything_changes():
 def snapshot(wrapper: AmpOptimWrapper) -> dict:
     return {
         "optimizer": copy.deepcopy(wrapper.optimizer.state_dict()),
-        "counters": (wrapper._inner_count, wrapper._max_counts, wrapper._remainder_counts),
+        "counters": (wrapper._window.inner, wrapper._window.max_counts, wrapper._window.remainder),
         "scaler": wrapper.loss_scaler.state_dict(),
         "scale": wrapper.loss_scale if wrapper.loss_scale is None else wrapper.loss_scale.clone(),
     }
@@ -601,5 +605,5 @@ def test_parameters_off_the_wrapper_device_are_refused_once_the_model_is_given()
     model = nn.Linear(4, 2, device="meta")  # stands for parameters left on another device
     wrapper = AmpOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), device="cpu")
     with pytest.raises(RuntimeError, match=r"2 of the optimizer's parameters are not on the wrapper's "
-                       r"device cpu.*on meta.*Move the model to the device before building the optimizer"):
+                       r"device cpu.*on meta.*move the model to the device before building the optimizer"):
         wrapper.initialize_count_status(model, 0, 10)

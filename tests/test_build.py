@@ -43,9 +43,9 @@ def test_amp_wrapper_with_every_option():
         type="AmpOptimWrapper", device="cpu", dtype="float16", loss_scale=256,
         optimizer=dict(type="AdamW", lr=1e-3), clip_grad=dict(max_norm=1.0), accumulative_counts=4))
     assert isinstance(wrapper, AmpOptimWrapper)
-    assert wrapper.cast_dtype is torch.float16 and wrapper._scale_update_param == 256.0
+    assert wrapper.cast_dtype is torch.float16 and wrapper._precision.fixed_scale == 256.0
     assert wrapper.clip_grad_kwargs == {"max_norm": 1.0, "norm_type": 2.0}
-    assert wrapper._accumulative_counts == 4
+    assert wrapper.accumulative_counts == 4
 
 
 def test_config_is_not_modified():

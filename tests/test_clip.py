@@ -52,8 +52,8 @@ def test_value_options():
         (dict(max_norm=-1), ValueError, "max_norm must be a positive number"),
         (dict(max_norm=math.nan), ValueError, "max_norm must be a positive number"),
         (dict(max_norm=1, norm_type=0), ValueError, "norm_type must be a positive number"),
-        (dict(max_norm=1, error_if_nonfinite=1), ValueError, "error_if_nonfinite must be True or False"),
-        (dict(max_norm=1, foreach="yes"), ValueError, "foreach must be True, False or None"),
+        (dict(max_norm=1, error_if_nonfinite=1), TypeError, "error_if_nonfinite must be True or False"),
+        (dict(max_norm=1, foreach="yes"), TypeError, "foreach must be True, False or None"),
         (dict(type="value", clip_value=math.nan), ValueError, "clip_value must be a positive finite"),
     ],
 )

@@ -22,6 +22,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import hwoptim
+from hwoptim._guard import FUSED
 from hwoptim.compile import parse_compile_step
 
 EAGER_BACKEND = {"backend": "eager"}
@@ -182,7 +183,7 @@ def test_build_optim_wrapper_passes_compile_step_through() -> None:
         dtype="bfloat16", clip_grad=dict(max_norm=1.0), compile_step=EAGER_BACKEND,
     )
     wrapper = hwoptim.build_optim_wrapper(model, cfg)
-    assert wrapper._compiled is not None
+    assert wrapper._guard.compiled is not None
     with pytest.raises(ValueError, match="does not take 'mdoe'"):
         hwoptim.build_optim_wrapper(model, dict(optimizer=dict(type="SGD", lr=0.1),
                                                 compile_step={"mdoe": "default"}))
@@ -197,7 +198,7 @@ def test_compiled_update_equals_eager_with_norm_clipping_and_an_inf(optimizer: s
     compiled = _run(optimizer, EAGER_BACKEND)
     _assert_close(eager, compiled)
     assert _bad_updates(compiled[1]) == 1  # the inf was caught, and counted once
-    assert compiled[1]._compiled.compiled
+    assert compiled[1]._guard.compiled.compiled
 
 
 @pytest.mark.parametrize("optimizer", ["adamw-foreach", "user-defined"])
@@ -324,7 +325,7 @@ def test_a_saved_and_loaded_wrapper_compiles_again_and_trains_its_own_model() ->
     model2, wrapper2 = torch.load(buffer, weights_only=False)
     before = [p.detach().clone() for p in model.parameters()]
     _train(wrapper2, model2, _batches(3, inf_at=None))
-    assert wrapper2._compiled.compiled and wrapper2._optimizer_step.__self__ is wrapper2.optimizer
+    assert wrapper2._guard.compiled.compiled and wrapper2._guard._compiled_step.__self__ is wrapper2.optimizer
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert not all(torch.equal(b, p) for b, p in zip(before, model2.parameters()))
 
@@ -382,12 +383,14 @@ def test_no_graph_break_is_in_hwoptims_code(optimizer: str, clip: Any, exact_ski
     wrapper = hwoptim.OptimWrapper(opt, clip_grad=clip, exact_skip=exact_skip)
     x, y = _batches(1, inf_at=None)[0]
     nn.functional.mse_loss(model(x), y).backward()
-    params = wrapper._flat_params()
-    wrapper._optimizer_step = opt.step
-    wrapper._init_counters(params)
-    if wrapper._takes_found_inf:
-        opt.found_inf = wrapper._found_buf  # what _compiled_step sets for a fused optimizer
-    explained = torch._dynamo.explain(wrapper._update_body)(params, None, None, {})
+    params = wrapper._binding.params()
+    guard = wrapper._guard
+    guard._compiled_step = opt.step
+    wrapper._skips.materialize(params[0].device)
+    found_inf = guard._found_buffer(params)
+    if guard.policy == FUSED:
+        opt.found_inf = found_inf  # what _run_compiled sets for a fused optimizer
+    explained = torch._dynamo.explain(guard._compiled_body)(params, None, None, {})
     package = Path(hwoptim.__file__).parent
     assert explained.break_reasons, "expected torch.optim's deliberate graph breaks"
     for reason in explained.break_reasons:
@@ -461,7 +464,7 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(backend: Any) -
     message = str(ours[0].message)
     assert "runs uncompiled" in message
     assert "C++ compiler" in message or "internal compiler error" in message  # the cause
-    assert not compiled[1]._compiled.compiled
+    assert not compiled[1]._guard.compiled.compiled
     _assert_close(eager, compiled)
 
 
@@ -474,7 +477,7 @@ def test_an_error_of_the_update_itself_is_raised_and_compiling_is_not_given_up()
         with pytest.raises(TypeError, match="nope"):
             wrapper.update_params(nn.functional.mse_loss(model(x), y), step_kwargs={"nope": 1})
         wrapper.update_params(nn.functional.mse_loss(model(x), y))
-    assert wrapper._compiled.compiled and wrapper._compiled.ready
+    assert wrapper._guard.compiled.compiled and wrapper._guard.compiled.ready
 
 
 def test_a_torch_without_torch_compile_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -499,7 +502,7 @@ def test_inductor_compiles_the_update_once_and_matches_eager() -> None:
     """The default backend (C++ code for the CPU): compiled once, equal to float tolerance."""
     eager = _run("adamw-foreach", False)
     compiled = _run("adamw-foreach", True)
-    assert compiled[1]._compiled.compiled, compiled[1]._compiled.reason
+    assert compiled[1]._guard.compiled.compiled, compiled[1]._guard.compiled.reason
     _assert_close(eager, compiled)
 
 

@@ -13,8 +13,10 @@ import torch
 from helpers import WithNoSync, total_norm
 from torch import nn
 
-import hwoptim.wrapper
+import hwoptim._checkpoint
+import hwoptim._guard
 from hwoptim import AmpOptimWrapper, OptimWrapper, build_optim_wrapper
+from hwoptim._guard import EXACT, FUSED
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -419,7 +421,7 @@ def test_another_ranks_partial_grads_are_not_loaded(monkeypatch):
     """DDP: each rank accumulates its own micro-batches; mmengine's CheckpointHook saves
     rank 0's. Loading them on rank 1 would count rank 0's micro-batches twice."""
     checkpoint = checkpoint_at("fp32-clip", 4, save=True)
-    monkeypatch.setattr(hwoptim.wrapper, "_rank", lambda: 1)
+    monkeypatch.setattr(hwoptim._checkpoint, "_rank", lambda: 1)
     model = make_model()
     wrapper = WRAPPERS["fp32-clip"](model, True)
     with pytest.warns(UserWarning, match="saved by data-parallel rank 0, this is rank 1"):
@@ -503,16 +505,16 @@ def test_state_off_the_norms_device_is_not_restorable():
     param = nn.Parameter(torch.ones(2))
     optimizer = torch.optim.SGD([param], lr=0.1)
     optimizer.state[param] = {"momentum_buffer": torch.zeros(2)}
-    assert hwoptim.wrapper._step_tensors(optimizer, [param], torch.device("cpu")) is not None
-    assert hwoptim.wrapper._step_tensors(optimizer, [param], torch.device("meta")) is None
+    assert hwoptim._guard._step_tensors(optimizer, [param], torch.device("cpu")) is not None
+    assert hwoptim._guard._step_tensors(optimizer, [param], torch.device("meta")) is None
     optimizer.state[param] = {"step": 3}  # a Python number: restoring it would need a sync
-    assert hwoptim.wrapper._step_tensors(optimizer, [param], torch.device("cpu")) is None
+    assert hwoptim._guard._step_tensors(optimizer, [param], torch.device("cpu")) is None
 
 
 def test_exact_skip_with_a_fused_optimizer_or_a_scaler_changes_nothing():
     fused = OptimWrapper(torch.optim.AdamW(make_model().parameters(), fused=True), clip_grad=dict(max_norm=1.0),
                          exact_skip=True)
-    assert not fused._exact_skip  # it skips on the device already
+    assert fused._guard.policy == FUSED  # it skips on the device already
     model = make_model()
     scaled = AmpOptimWrapper(torch.optim.AdamW(model.parameters()), device="cpu", dtype="float16",
                              clip_grad=dict(max_norm=1.0), exact_skip=True)
@@ -562,7 +564,7 @@ def test_the_new_options_come_through_a_config():
         type="AmpOptimWrapper", optimizer=dict(type="AdamW", lr=1e-3), device="cpu",
         accumulative_counts=2, clip_grad=dict(max_norm=1.0), save_partial_grads=True, exact_skip=True,
     ))
-    assert wrapper._save_partial_grads and wrapper._exact_skip
+    assert wrapper._save_partial_grads and wrapper._guard.policy == EXACT
 
 
 @pytest.mark.parametrize("clip", [None, dict(max_norm=1.0)], ids=["no-clip", "clip"])
@@ -651,7 +653,7 @@ def test_after_a_failed_num_items_step_the_next_window_counts_its_own_items_only
     loss, n = summed_loss_of(model, 3)
     with pytest.raises(TypeError):
         wrapper.update_params(loss, step_kwargs={"junk": 1}, num_items=n)
-    assert wrapper._window_loss is None and wrapper._window_host_items == 0
+    assert wrapper._items.loss is None and wrapper._items.host_items == 0
     train_items(wrapper, model, range(4, 8))
     train_items(ref_wrapper, reference, range(4, 8))
     assert_params_equal(model, reference)

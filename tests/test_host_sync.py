@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import hwoptim
-import hwoptim.wrapper
+import hwoptim._guard
 
 #: the Tensor methods behind .item(), .tolist(), .cpu(), .numpy(), float(), int(), bool()
 #: and the implicit int of indexing (__index__); each one waits for the device
@@ -253,20 +253,20 @@ INJECTED_SYNCS = {
 
 
 def _inject_into_wrapper(monkeypatch: pytest.MonkeyPatch, statement: str) -> None:
-    """Replace OptimWrapper._clip_grads (run by every configuration here: all clip) with a
-    version that also runs ``statement`` on the norm, as code of hwoptim.wrapper (its
+    """Replace the guard's update body (run by every configuration here: all clip) with a
+    version that also runs ``statement`` on the clipped norm, as code of hwoptim._guard (its
     globals), the way a regression would be written there."""
     source = (
-        "def _clip_grads(self):\n"
-        "    norm = _original_clip_grads(self)\n"
+        "def _body(self, params, found, empty, kwargs, step):\n"
+        "    norm = _original_body(self, params, found, empty, kwargs, step)\n"
         "    found_inf = nonfinite_flag(norm)\n"  # 0.0 or 1.0: int() and bool() work on it
         f"    {statement}\n"
         "    return norm\n"
     )
-    namespace = dict(vars(hwoptim.wrapper))  # __name__ == "hwoptim.wrapper"
-    namespace["_original_clip_grads"] = hwoptim.OptimWrapper._clip_grads
-    exec(compile(source, hwoptim.wrapper.__file__, "exec"), namespace)
-    monkeypatch.setattr(hwoptim.OptimWrapper, "_clip_grads", namespace["_clip_grads"])
+    namespace = dict(vars(hwoptim._guard))  # __name__ == "hwoptim._guard"
+    namespace["_original_body"] = hwoptim._guard.Guard._body
+    exec(compile(source, hwoptim._guard.__file__, "exec"), namespace)
+    monkeypatch.setattr(hwoptim._guard.Guard, "_body", namespace["_body"])
 
 
 @pytest.mark.parametrize("config", ["fp32", "bf16", "fp16-fused"])
@@ -280,7 +280,7 @@ def test_detector_catches_a_sync_injected_into_the_wrapper(
     train(CONFIGS[config](model), model, detector)
     caught = detector.by("hwoptim")
     assert caught, f"the injected {INJECTED_SYNCS[kind]!r} went unnoticed"
-    assert {c.module for c in caught} == {"hwoptim.wrapper"}
+    assert {c.module for c in caught} == {"hwoptim._guard"}
 
 
 def test_detector_ignores_syncs_outside_hwoptim() -> None:

@@ -32,7 +32,7 @@ def test_a_plain_module_enters_no_sync_context() -> None:
     model = nn.Linear(2, 2)
     wrapper = _wrapper(model)
     entered: list[Any] = []
-    wrapper._no_sync = lambda m: entered.append(m) or contextlib.nullcontext()
+    wrapper._binding._no_sync = lambda m: entered.append(m) or contextlib.nullcontext()
     _train(wrapper, model, 4)
     assert entered == []
     assert wrapper.inner_count == 4

@@ -496,7 +496,7 @@ def test_an_optim_wrapper_dict_trains_a_gan_under_the_runner(tmp_path, no_weight
     assert set(runner.param_schedulers) == {"generator", "discriminator"}
     # the Runner's initialize_count_status reached both (mmengine's dict ignores it)
     assert wrappers.inner_count == {"generator": ITERS, "discriminator": ITERS}
-    assert wrappers["discriminator"]._max_counts == ITERS
+    assert wrappers["discriminator"]._window.max_counts == ITERS
     scalars = runner.message_hub.log_scalars
     assert len(scalars["train/generator.grad_norm"].data[0]) == ITERS
     assert len(scalars["train/discriminator.grad_norm"].data[0]) == 4  # 3+3+3+1

@@ -513,7 +513,7 @@ def test_the_build_config_takes_num_items_group() -> None:
     wrapper = hwoptim.build_optim_wrapper(
         model, dict(optimizer=dict(type="SGD", lr=0.1), num_items_group="local")
     )
-    assert wrapper._items_group == "local"
+    assert wrapper._items.group == "local"
 
 
 def test_optim_wrapper_dict_points_to_the_named_wrapper() -> None:
@@ -560,7 +560,7 @@ def test_in_a_one_process_group_ddp_needs_no_collective_and_a_group_is_taken(
         ddp = DistributedDataParallel(model)
         wrapper = OptimWrapper(sgd(ddp), 2)
         with_items(wrapper, ddp, batches)
-        reduction = wrapper._items_reduction
+        reduction = wrapper._items.reduction
         assert reduction is not None and reduction is not LOCAL  # found through DDP
         assert reduction.groups == () and reduction.divisor == 1.0  # a group of one
         assert_params_close(model, want, rtol=1e-12, atol=1e-12)

@@ -131,7 +131,7 @@ def test_should_sync_before_backward_agrees_with_should_update_after(k, max_coun
         sync = wrapper.should_sync()
         factor = float(1 / wrapper.scale_loss(torch.tensor(1.0, dtype=torch.float64)))
         assert factor > 0
-        wrapper._inner_count += 1
+        wrapper._window.inner += 1
         window += 1
         assert wrapper.should_update() == sync
         if sync:

@@ -13,6 +13,8 @@ from helpers import COPIES, assert_same, copied, run_micro_batches, total_norm
 from torch import nn
 
 from hwoptim import OptimWrapper
+from hwoptim._binding import ModelBinding
+from hwoptim._torch_compat import takes_found_inf
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -39,7 +41,7 @@ def sgd(model: nn.Module, **kw: float) -> torch.optim.SGD:
 
 def spy_update(wrapper: OptimWrapper) -> tuple[mock.Mock, mock.Mock, mock.Mock]:
     """Replace backward/step/zero_grad like mmengine's tests do: counting, recording."""
-    backward = mock.Mock(side_effect=lambda loss: setattr(wrapper, "_inner_count", wrapper._inner_count + 1))
+    backward = mock.Mock(side_effect=lambda loss: setattr(wrapper._window, "inner", wrapper._window.inner + 1))
     step, zero = mock.Mock(), mock.Mock()
     wrapper.backward, wrapper.step, wrapper.zero_grad = backward, step, zero  # type: ignore[method-assign]
     return backward, step, zero
@@ -54,8 +56,8 @@ def test_defaults_match_mmengine():
     wrapper = OptimWrapper(optimizer)
     assert wrapper.optimizer is optimizer
     assert wrapper.clip_grad_kwargs is None
-    assert wrapper._accumulative_counts == 1
-    assert (wrapper._inner_count, wrapper._max_counts, wrapper._remainder_counts) == (0, -1, -1)
+    assert wrapper.accumulative_counts == 1
+    assert (wrapper._window.inner, wrapper._window.max_counts, wrapper._window.remainder) == (0, -1, -1)
     assert wrapper.last_grad_norm is None and wrapper.skipped_steps is None
 
 
@@ -127,7 +129,7 @@ def test_step_and_zero_kwargs_are_forwarded():
 
 def test_without_initialization_the_last_partial_window_does_not_step_and_warns():
     wrapper = OptimWrapper(sgd(make_model()), accumulative_counts=3)
-    wrapper._inner_count = 99
+    wrapper._window.inner = 99
     backward, step, _ = spy_update(wrapper)
     with pytest.warns(UserWarning, match="initialize_count_status"):
         wrapper.update_params(torch.tensor(3.0))
@@ -142,7 +144,7 @@ def test_max_counts_none_means_unknown_end_without_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         wrapper.update_params(torch.tensor(1.0))
-    assert wrapper._max_counts == -1
+    assert wrapper._window.max_counts == -1
 
 
 def test_initialized_remainder_window_steps_with_its_own_factor():
@@ -169,7 +171,7 @@ def test_initialized_full_window_before_the_remainder_divides_by_the_window():
 def test_remainder_is_computed_from_the_absolute_max():
     wrapper = OptimWrapper(sgd(make_model()), accumulative_counts=3)
     wrapper.initialize_count_status(None, 0, 100)
-    assert wrapper._remainder_counts == 1
+    assert wrapper._window.remainder == 1
 
 
 def test_counter_trace_matches_mmengine_exactly():
@@ -183,7 +185,7 @@ def test_counter_trace_matches_mmengine_exactly():
     for _ in range(10):
         index, sync = wrapper.inner_count, wrapper.should_sync()
         factor = 3.0 / float(wrapper.scale_loss(torch.tensor(3.0)))
-        wrapper._inner_count += 1
+        wrapper._window.inner += 1
         trace.append((index, round(factor), sync, wrapper.should_update()))
     assert trace == expected
 
@@ -193,7 +195,7 @@ def test_past_max_counts_windows_are_full_instead_of_dividing_by_zero():
     wrapper.initialize_count_status(None, 4, 4)  # mmengine asserts "loss_factor > 0" here
     for _ in range(3):
         assert float(wrapper.scale_loss(torch.tensor(2.0))) == pytest.approx(1.0)
-        wrapper._inner_count += 1
+        wrapper._window.inner += 1
 
 
 def test_resume_inside_a_window_warns():
@@ -229,7 +231,7 @@ def test_initialize_count_status_rejects_bad_counts(init, max_counts, match):
     wrapper = OptimWrapper(sgd(make_model()), accumulative_counts=2)
     with pytest.raises(ValueError, match=match):
         wrapper.initialize_count_status(None, init, max_counts)
-    assert wrapper._max_counts == -1  # nothing half-applied
+    assert wrapper._window.max_counts == -1  # nothing half-applied
 
 
 def test_numpy_integers_are_counts_and_become_plain_ints():
@@ -237,8 +239,8 @@ def test_numpy_integers_are_counts_and_become_plain_ints():
     model = make_model()
     wrapper = OptimWrapper(sgd(model), accumulative_counts=np.int64(3))
     wrapper.initialize_count_status(model, np.int32(3), np.uint16(8))
-    assert (wrapper.accumulative_counts, wrapper.inner_count, wrapper._max_counts) == (3, 3, 8)
-    assert {type(wrapper.accumulative_counts), type(wrapper.inner_count), type(wrapper._max_counts)} == {int}
+    assert (wrapper.accumulative_counts, wrapper.inner_count, wrapper._window.max_counts) == (3, 3, 8)
+    assert {type(wrapper.accumulative_counts), type(wrapper.inner_count), type(wrapper._window.max_counts)} == {int}
     assert wrapper.state_dict()["hwoptim"] == {"inner_count": 3, "max_counts": 8, "accumulative_counts": 3}
 
 
@@ -382,7 +384,7 @@ def test_value_clipping_clamps_and_still_reports_the_norm():
     wrapper = OptimWrapper(sgd(model), clip_grad=dict(type="value", clip_value=1e-3))
     loss = loss_of(model, 0) * 100
     wrapper.backward(loss)
-    wrapper._clip_grads()
+    wrapper.step()  # clips, then steps: the gradients stay
     assert max(float(p.grad.abs().max()) for p in model.parameters()) == pytest.approx(1e-3)
     assert float(wrapper.last_grad_norm) > 1e-3
 
@@ -414,7 +416,7 @@ def test_an_optimizer_of_replaced_parameters_is_refused_when_the_model_is_given(
         module.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"))
         module.bias = nn.Parameter(torch.empty_like(module.bias, device="meta"))
     with pytest.raises(RuntimeError, match=r"4 of the optimizer's parameters are not on the model's device "
-                       r"\(meta\).*Move the model to the device before building the optimizer"):
+                       r"\(meta\).*move the model to the device before building the optimizer"):
         wrapper.initialize_count_status(model, 0, 10)
     with pytest.raises(RuntimeError, match="before building the optimizer"):
         with wrapper.optim_context(model):
@@ -447,7 +449,7 @@ def test_a_model_spread_over_device_types_is_not_checked_without_a_wrapper_devic
 def test_the_parameter_check_runs_once_per_model():
     model = make_model()
     wrapper = OptimWrapper(sgd(model), clip_grad=dict(max_norm=1.0))
-    with mock.patch.object(OptimWrapper, "_check_params_of", autospec=True) as check:
+    with mock.patch.object(ModelBinding, "_check_placement", autospec=True) as check:
         for seed in range(3):
             with wrapper.optim_context(model):
                 loss = loss_of(model, seed)
@@ -511,7 +513,7 @@ def test_fused_optimizer_skips_the_non_finite_step_on_the_device():
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     wrapper = OptimWrapper(optimizer, clip_grad=dict(max_norm=1.0))
-    assert wrapper._takes_found_inf
+    assert takes_found_inf(optimizer)
     wrapper.update_params(loss_of(model, 0))
     before = params_of(model)
     state_before = copy.deepcopy(optimizer.state_dict()["state"])
@@ -552,7 +554,8 @@ def test_skipped_steps_follows_the_gradients_to_another_device():
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1, fused=True), clip_grad=dict(max_norm=1.0))
     moved = []
     # a count kept on another device (as if the first steps ran there): 2 skips so far
-    wrapper._skipped = mock.Mock(device=torch.device("cuda", 0), to=lambda d: moved.append(d) or torch.tensor(2.0))
+    wrapper._skips.skipped = mock.Mock(device=torch.device("cuda", 0),
+                                       to=lambda d: moved.append(d) or torch.tensor(2.0))
     wrapper.update_params(inf_loss(model))
     skipped = wrapper.skipped_steps  # folds the pending record into the count
     assert moved == [torch.device("cpu")]
@@ -568,7 +571,7 @@ def test_skips_are_counted_exactly_across_folds(fused):
         wrapper.update_params(inf_loss(model) if i in bad else loss_of(model, i))
         if i == 400:  # a read folds early; counting goes on
             assert float(wrapper.skipped_steps if fused else wrapper.zeroed_steps) == 4
-    assert len(wrapper._pending_norms) + len(wrapper._pending_found) < 256
+    assert wrapper._skips.pending < 256
     # a fused optimizer skips for real; any other steps with zeroed gradients
     counted, other = (wrapper.skipped_steps, wrapper.zeroed_steps)[:: 1 if fused else -1]
     assert (float(counted), float(other)) == (len(bad), 0)
@@ -652,7 +655,7 @@ def test_an_exception_in_the_block_restores_sync():
     with pytest.raises(KeyError), wrapper.optim_context(model):
         assert model.syncing is False
         raise KeyError("boom")
-    assert model.syncing is True and wrapper._pending_no_sync is None
+    assert model.syncing is True and not wrapper._binding.skipping
 
 
 def test_a_forward_without_backward_does_not_leak_the_skip():
@@ -743,7 +746,7 @@ def test_resume_from_state_dict_continues_exactly():
     resumed, resumed_wrapper = fresh()
     resumed.load_state_dict(checkpoint["model"])
     resumed_wrapper.load_state_dict(checkpoint["optim"])  # no initialize_count_status needed
-    assert (resumed_wrapper.inner_count, resumed_wrapper._max_counts) == (9, 14)
+    assert (resumed_wrapper.inner_count, resumed_wrapper._window.max_counts) == (9, 14)
     run(resumed, resumed_wrapper, range(9, 14))
     for got, want in zip(resumed.parameters(), model.parameters()):
         assert torch.equal(got, want)
@@ -764,7 +767,7 @@ def test_load_state_dict_leaves_its_argument_untouched():
 def test_loads_a_bare_optimizer_state_dict_and_keeps_its_counters():
     source = sgd(make_model(), momentum=0.9, lr=0.3)
     wrapper = OptimWrapper(sgd(make_model(), momentum=0.9))
-    wrapper._inner_count = 5
+    wrapper._window.inner = 5
     wrapper.load_state_dict(source.state_dict())
     assert wrapper.get_lr() == {"lr": [0.3]}
     assert wrapper.inner_count == 5
@@ -773,7 +776,7 @@ def test_loads_a_bare_optimizer_state_dict_and_keeps_its_counters():
 def test_a_mismatched_state_dict_raises_before_changing_anything():
     model = make_model()
     wrapper = OptimWrapper(sgd(model, lr=0.1))
-    wrapper._inner_count = 4
+    wrapper._window.inner = 4
     other = torch.optim.SGD([{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)]}], lr=0.5)
     with pytest.raises(ValueError, match="2 parameter group"):
         wrapper.load_state_dict(other.state_dict())
@@ -829,7 +832,7 @@ def test_a_copy_with_its_model_trains_on_exactly_like_the_original(config, fused
                  else sgd(model, momentum=0.9))
     wrapper = OptimWrapper(optimizer, **COPY_CONFIGS[config])
     wrapper.initialize_count_status(model, 0, 30)
-    guarded = wrapper._clip is not None
+    guarded = wrapper.clip_grad_kwargs is not None
     train_micro_batches(wrapper, model, range(6), inf_at=3 if guarded else -1)
 
     model2, wrapper2 = copied((model, wrapper), how)
@@ -861,7 +864,7 @@ def test_a_copy_with_num_items_trains_on_exactly_like_the_original(how):
     train(wrapper, model, range(4))
     assert wrapper.skipped_steps is not None and wrapper.last_loss is not None  # builds the mirror
     model2, wrapper2 = copied((model, wrapper), how)
-    assert wrapper2._items_reduction is None and wrapper2._empty_mirror is None
+    assert wrapper2._items.reduction is None and wrapper2._items._empty_mirror is None
     train(wrapper, model, range(4, 8))
     train(wrapper2, model2, range(4, 8))
     for p, p2 in zip(model.parameters(), model2.parameters()):
@@ -887,7 +890,7 @@ def test_a_copy_holds_no_model_and_binds_the_one_it_is_given():
     wrapper = OptimWrapper(sgd(model), clip_grad=dict(max_norm=1.0))
     wrapper.initialize_count_status(model, 0, 10)
     alone = copy.deepcopy(wrapper)
-    assert alone._model is None and not any(isinstance(v, nn.Module) for v in vars(alone).values())
+    assert alone._binding.model is None and not any(isinstance(v, nn.Module) for v in vars(alone._binding).values())
     model2, wrapper2 = copy.deepcopy((model, wrapper))
     with wrapper2.optim_context(model2):
         loss = model2(torch.ones(2, 4)).sum()
@@ -902,15 +905,15 @@ def test_a_copy_taken_between_a_forward_and_its_backward_leaves_the_skip_with_th
     wrapper.initialize_count_status(model, 0, 4)
     with wrapper.optim_context(model):
         loss = model(torch.ones(1, 2)).sum()
-    assert model.syncing is False and wrapper._pending_no_sync is not None  # a generator context
+    assert model.syncing is False and wrapper._binding.skipping  # a generator context
     model2, wrapper2 = copied((model, wrapper), how)
-    assert wrapper2._pending_no_sync is None and wrapper2._model is None
+    assert not wrapper2._binding.skipping and wrapper2._binding.model is None
     wrapper.update_params(loss)
     assert model.backward_sync == [False] and model.syncing is True
     model2.syncing = True  # the copied module's own flag was copied mid-skip
     before = params_of(model2)
     assert wrapper2.inner_count == 0  # the copied micro-batch's backward is the original's
     run_micro_batches(wrapper2, model2, 3, "mmengine")
-    assert wrapper2._model is model2 and wrapper2.inner_count == 3 and model2.syncing is True
+    assert wrapper2._binding.model is model2 and wrapper2.inner_count == 3 and model2.syncing is True
     assert not any(torch.equal(a, b) for a, b in zip(before, params_of(model2)))
 

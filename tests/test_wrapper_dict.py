@@ -72,8 +72,8 @@ def test_initialize_count_status_reaches_every_wrapper_with_its_submodule():
     d = OptimWrapper(torch.optim.SGD(model.discriminator.parameters(), lr=0.1), accumulative_counts=3)
     wrappers = OptimWrapperDict(generator=g, discriminator=d)
     wrappers.initialize_count_status(model, 0, 10)
-    assert (g._max_counts, g._remainder_counts, d._remainder_counts) == (10, 0, 1)
-    assert g._model is model.generator and d._model is model.discriminator
+    assert (g._window.max_counts, g._window.remainder, d._window.remainder) == (10, 0, 1)
+    assert g._binding.model is model.generator and d._binding.model is model.discriminator
     assert wrappers.inner_count == {"generator": 0, "discriminator": 0}
 
 

@@ -1,0 +1,105 @@
+"""Every place hwoptim touches torch internals, in one module.
+
+Written for torch 2.4 to 2.13 (pyproject's floor and the newest version CI runs; the
+``.ci/compat`` job runs the suite on the floor). Each helper names the private member it
+reads; when torch changes one, this is the only file to change.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "add_to_scaler_found_inf",
+    "forget_scaler_step",
+    "is_batch_norm",
+    "note_scheduler_call",
+    "scaler_found_inf",
+    "scaler_scale",
+    "takes_found_inf",
+    "unpatched_step",
+]
+
+
+def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` skips itself on the device when given ``found_inf``.
+
+    Fused torch optimizers (``_step_supports_amp_scaling``, without the older
+    ``grad_scaler`` argument) read ``optimizer.found_inf``.
+    """
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    try:
+        return "grad_scaler" not in inspect.signature(optimizer.step).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def unpatched_step(optimizer: torch.optim.Optimizer) -> Callable[..., Any]:
+    """``optimizer.step`` without the LR scheduler's wrapper (``_wrapped_by_lr_sched``,
+    ``__wrapped__``), which torch.compile cannot trace; see ``note_scheduler_call``."""
+    step = optimizer.step
+    wrapped = getattr(step, "__wrapped__", None)
+    if getattr(step, "_wrapped_by_lr_sched", False) and wrapped is not None:
+        return wrapped.__get__(optimizer, type(optimizer))  # type: ignore[no-any-return]
+    return step
+
+
+def note_scheduler_call(optimizer: torch.optim.Optimizer) -> None:
+    """Note a step made through ``unpatched_step`` as the scheduler's wrapper would (``_opt_called``)."""
+    if getattr(optimizer.step, "_wrapped_by_lr_sched", False):
+        optimizer._opt_called = True  # type: ignore[attr-defined]
+
+
+def _found_per_device(scaler: Any, optimizer: torch.optim.Optimizer) -> dict[Any, Tensor]:
+    """GradScaler's ``_per_optimizer_states[id(optimizer)]["found_inf_per_device"]``."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if not isinstance(states, dict) or id(optimizer) not in states:
+        return {}
+    return states[id(optimizer)].get("found_inf_per_device", {})  # type: ignore[no-any-return]
+
+
+def scaler_found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """The scaler's found_inf for ``optimizer`` after ``unscale_``, summed over devices
+    (> 0: skip; a sharded scaler's is all-reduced, so it may exceed 1); None before."""
+    found = list(_found_per_device(scaler, optimizer).values())
+    if not found:
+        return None
+    total: Tensor = found[0]
+    for other in found[1:]:
+        total = total + other.to(total.device, non_blocking=True)
+    return total
+
+
+def add_to_scaler_found_inf(scaler: Any, optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
+    """Add ``flag`` to the scaler's found_inf of ``optimizer``: the scaler then skips the step."""
+    for found in _found_per_device(scaler, optimizer).values():
+        found.add_(flag.to(found.device, non_blocking=True))
+
+
+def forget_scaler_step(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Put the scaler back to the start of a step for ``optimizer`` after a failed one.
+
+    Drops its per-step record (else the next ``unscale_`` raises "already been called")
+    and the ``grad_scale`` / ``found_inf`` attributes it hands a fused optimizer.
+    """
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if isinstance(states, dict):
+        states.pop(id(optimizer), None)
+    optimizer.__dict__.pop("grad_scale", None)
+    optimizer.__dict__.pop("found_inf", None)
+
+
+def scaler_scale(scaler: Any) -> Tensor | None:
+    """The scaler's scale tensor without a host sync (``_get_scale_async``); None before use."""
+    get_scale = getattr(scaler, "_get_scale_async", None)
+    return None if get_scale is None else get_scale()
+
+
+def is_batch_norm(module: Any) -> bool:
+    """Whether ``module`` is a batch norm layer (torch's ``_BatchNorm`` base)."""
+    return isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
