@@ -403,7 +403,7 @@ class OptimWrapper:
                 self._scaled(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
                 self._plain_in_window = True
             else:
-                count = self._check_items(num_items)
+                count = self._check_items(loss, num_items)
                 self._scaled(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
                 self._add_items(loss, count)  # only once its gradients are there
         finally:
@@ -668,23 +668,30 @@ class OptimWrapper:
         self._check_empty_windows()
         return self._last_loss
 
-    def _check_items(self, num_items: Any) -> int | Tensor:
-        """A micro-batch's count, checked on the host (no device read) before its backward."""
+    def _check_items(self, loss: Tensor, num_items: Any) -> int | Tensor:
+        """A micro-batch's count, checked on the host (no device read) before its backward;
+        the loss must be one number (any shape of one element, as for ``backward``)."""
         count = check_num_items(num_items)
         if self._plain_in_window:
             raise ValueError(self._mixed_window_message("with"))
+        if loss.numel() != 1:
+            raise ValueError(
+                "with num_items the loss must be one number, the sum of the micro-batch's "
+                f"item losses; got a tensor of shape {tuple(loss.shape)}: sum it first"
+            )
         return count
 
     def _add_items(self, loss: Tensor, count: int | Tensor) -> None:
         """Add a micro-batch's count and summed loss to the window, on the device: no
-        host sync (an int count stays on the host)."""
-        summed = loss.detach().float()
+        host sync (an int count stays on the host). One-element tensors of any shape are
+        taken as their scalar, as ``backward`` takes a one-element loss."""
+        summed = loss.detach().float().reshape(())
         if self._window_loss is not None:
             summed = self._window_loss + summed
         if isinstance(count, int):
             self._window_host_items += count  # ints stay on the host: a copy would wait
         else:
-            count = count.to(summed.device, torch.float32, non_blocking=True)
+            count = count.to(summed.device, torch.float32, non_blocking=True).reshape(())
             if self._window_items is not None:
                 count = self._window_items + count
             self._window_items = count
@@ -1217,8 +1224,10 @@ class OptimWrapper:
         loss, items, host_items = window
         params = self._flat_params()
         device = params[0].device if params else loss.device
-        self._window_loss = loss.to(device, torch.float32, copy=True)
-        self._window_items = None if items is None else items.to(device, torch.float32, copy=True)
+        self._window_loss = loss.to(device, torch.float32, copy=True).reshape(())
+        self._window_items = (
+            None if items is None else items.to(device, torch.float32, copy=True).reshape(())
+        )
         self._window_host_items = host_items
 
     # -- copies: pickle, torch.save, copy.deepcopy ------------------------------------------
