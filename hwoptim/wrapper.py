@@ -1204,10 +1204,17 @@ class OptimWrapper:
             self._inner_count = inner
             self._max_counts = max_counts
             self._remainder_counts = -1 if max_counts == -1 else max_counts % self._accumulative_counts
+        self._n_groups = self._n_params = -1  # parameters may have been re-grouped
+        # The window becomes the checkpoint's: its saved partial gradients and item count,
+        # else none (a fresh process has none either). The live window's, trained after
+        # the save, must not leak into the next update of a rollback in this process.
         if plan.get("grads") is not None:
             self._restore_grads(plan["grads"])
             self._restore_items_window(plan["items_window"])
-        self._n_groups = self._n_params = -1  # parameters may have been re-grouped
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._reset_window()
+            self._grads_restored_at = -1
 
     def _restore_grads(self, grads: list[Tensor | None]) -> None:
         """Put a window's saved gradients back: copies, on each parameter's device and in

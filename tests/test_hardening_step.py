@@ -626,6 +626,36 @@ def test_a_checkpoint_inside_a_num_items_window_resumes_bit_identically():
             assert torch.equal(resumed_wrapper.last_loss, ref_wrapper.last_loss)
 
 
+@pytest.mark.parametrize("items", [False, True], ids=["mean-loss", "num_items"])
+@pytest.mark.parametrize(("saved_at", "save"), [(3, False), (3, True), (4, True)],
+                         ids=["boundary", "boundary-save-partial", "inside-save-partial"])
+def test_rolling_back_to_a_checkpoint_in_the_same_process_is_exact(items, saved_at, save):
+    """Loading a checkpoint sets the window to what the checkpoint holds: the live window's
+    gradients and item count, trained after the save, do not leak into the next update."""
+    run = train_items if items else train
+    reference = make_model()
+    ref_wrapper = WRAPPERS["fp32-clip"](reference, False)
+    ref_wrapper.initialize_count_status(reference, 0, N_MICRO)
+    run(ref_wrapper, reference, range(N_MICRO))
+    model = make_model()
+    wrapper = WRAPPERS["fp32-clip"](model, save)
+    wrapper.initialize_count_status(model, 0, N_MICRO)
+    run(wrapper, model, range(saved_at))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": wrapper.state_dict()}, buffer)
+    run(wrapper, model, range(saved_at, saved_at + 1))  # then roll back to the checkpoint
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    wrapper.load_state_dict(checkpoint["optimizer"])
+    wrapper.initialize_count_status(model, saved_at, N_MICRO)
+    run(wrapper, model, range(saved_at, N_MICRO))
+    for got, want in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(got, want)
+    if items:
+        assert torch.equal(wrapper.last_loss, ref_wrapper.last_loss)
+
+
 def test_a_bad_saved_items_window_raises_before_anything_changes():
     model = make_model()
     wrapper = WRAPPERS["fp32-clip"](model, True)
