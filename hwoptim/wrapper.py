@@ -882,8 +882,10 @@ class OptimWrapper:
         """Divide the loss by the length of its accumulation window.
 
         Windows hold ``accumulative_counts`` micro-batches, except the last one before
-        ``max_counts``, which holds the remainder. Past ``max_counts`` windows are full again
-        (mmengine divides by zero there).
+        ``max_counts``, which holds the remainder. Past ``max_counts`` (training goes on)
+        windows end at multiples of ``accumulative_counts`` again, so the first one there
+        holds ``accumulative_counts - remainder`` micro-batches and is divided by that;
+        mmengine divides every window there by the remainder (by zero when there is none).
         """
         acc = self._accumulative_counts
         if acc == 1:
@@ -897,9 +899,14 @@ class OptimWrapper:
                 self._warn_unknown_end(acc, stacklevel=5)  # user > update_params > scale_loss
             return acc
         inner = self._inner_count
-        if inner >= max_counts or inner < max_counts - self._remainder_counts:
+        last_start = max_counts - self._remainder_counts  # where the remainder window starts
+        if inner < last_start:
             return acc
-        return self._remainder_counts
+        if inner < max_counts:
+            return self._remainder_counts
+        if inner < last_start + acc:  # between max_counts and the next multiple of acc
+            return acc - self._remainder_counts
+        return acc
 
     def _warn_unknown_end(self, acc: int, stacklevel: int) -> None:
         self._warned_unknown_end = True

@@ -196,6 +196,26 @@ def test_past_max_counts_windows_are_full_instead_of_dividing_by_zero():
         wrapper._inner_count += 1
 
 
+def test_past_a_max_counts_inside_a_window_the_first_window_divides_by_its_length():
+    """acc 4, max_counts 10: windows 1-4, 5-8, the remainder 9-10, then (training goes on)
+    11-12, which ends at the next multiple of 4 and holds 2 micro-batches, then 13-16. Each
+    update is the gradient of its window's mean loss, as plain torch computes it."""
+    model = make_model()
+    reference = copy.deepcopy(model)
+    wrapper = OptimWrapper(sgd(model), accumulative_counts=4)
+    wrapper.initialize_count_status(model, 0, 10)
+    for seed in range(16):
+        wrapper.update_params(loss_of(model, seed))
+    optimizer = sgd(reference)
+    for window in (range(0, 4), range(4, 8), range(8, 10), range(10, 12), range(12, 16)):
+        loss = sum(loss_of(reference, seed) for seed in window) / len(window)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want)
+
+
 def test_resume_inside_a_window_warns():
     model = make_model()
     wrapper = OptimWrapper(sgd(model), accumulative_counts=3)
