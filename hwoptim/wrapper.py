@@ -287,6 +287,8 @@ class OptimWrapper:
         self._max_counts = -1
         self._remainder_counts = -1
         self._warned_unknown_end = False
+        #: initialize_count_status(..., max_counts=None) said the end is unknown (saved as such)
+        self._end_unknown = False
         self._save_partial_grads = save_partial_grads
         #: the inner_count whose window's gradients load_state_dict restored (-1: none)
         self._grads_restored_at = -1
@@ -855,6 +857,7 @@ class OptimWrapper:
                 stacklevel=2,
             )
         self._inner_count = init_counts
+        self._end_unknown = max_counts is None
         if max_counts is None:
             self._max_counts = self._remainder_counts = -1
             self._warned_unknown_end = True  # the caller said so on purpose
@@ -1077,6 +1080,9 @@ class OptimWrapper:
             "max_counts": self._max_counts,
             "accumulative_counts": self._accumulative_counts,
         }
+        if self._max_counts == -1 and self._end_unknown:
+            # initialize_count_status(..., None): not the -1 of a run that never called it
+            counters["end_unknown"] = True
         if self._save_partial_grads and not self.should_update():
             if _keeps_own_grads(self._model):
                 warnings.warn(
@@ -1138,6 +1144,12 @@ class OptimWrapper:
         counters = state_dict.get(STATE_KEY)
         if counters is not None:
             plan["counters"] = self._check_counters(counters)
+            unknown = counters.get("end_unknown", False)
+            if not isinstance(unknown, bool):
+                raise ValueError(
+                    f"state dict entry {STATE_KEY}.end_unknown must be True or False; got {unknown!r:.80}"
+                )
+            plan["end_unknown"] = unknown
             if "grads" in counters:
                 plan["grads"] = self._check_grads(counters["grads"], counters.get("grads_rank", 0))
                 if plan["grads"] is not None:
@@ -1211,6 +1223,11 @@ class OptimWrapper:
             self._inner_count = inner
             self._max_counts = max_counts
             self._remainder_counts = -1 if max_counts == -1 else max_counts % self._accumulative_counts
+            # the saved run (or this one, before the load) said the end is unknown: its
+            # resume does not warn either
+            self._end_unknown = max_counts == -1 and (plan["end_unknown"] or self._end_unknown)
+            if self._end_unknown:
+                self._warned_unknown_end = True
         self._n_groups = self._n_params = -1  # parameters may have been re-grouped
         # The window becomes the checkpoint's: its saved partial gradients and item count,
         # else none (a fresh process has none either). The live window's, trained after

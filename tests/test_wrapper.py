@@ -737,6 +737,37 @@ def test_state_dict_is_the_optimizers_plus_the_counters():
     assert {k: v for k, v in state.items() if k != "hwoptim"} == optimizer.state_dict()
 
 
+@pytest.mark.parametrize("num_items", [False, True], ids=["mean-loss", "num_items"])
+def test_a_resumed_run_whose_end_is_unknown_does_not_warn_to_call_initialize_count_status(num_items):
+    """initialize_count_status(model, 0, None) is saved as such, not as a run that never
+    called it; a checkpoint without the mark (older, or never called) still warns."""
+    def micro_batch(wrapper: OptimWrapper, model: nn.Module) -> None:
+        loss = loss_of(model, 0)
+        if num_items:
+            wrapper.update_params(loss * 6, num_items=6)
+        else:
+            wrapper.update_params(loss)
+
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model), accumulative_counts=2)
+    wrapper.initialize_count_status(model, 0, None)
+    micro_batch(wrapper, model)
+    checkpoint = copy.deepcopy(wrapper.state_dict())
+    resumed = OptimWrapper(sgd(model), accumulative_counts=2)
+    resumed.load_state_dict(checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        micro_batch(resumed, model)
+    assert resumed.inner_count == 2
+    never = OptimWrapper(sgd(model), accumulative_counts=2)
+    with pytest.warns(UserWarning, match="initialize_count_status"):
+        micro_batch(never, model)
+    resumed_never = OptimWrapper(sgd(model), accumulative_counts=2)
+    resumed_never.load_state_dict(copy.deepcopy(never.state_dict()))
+    with pytest.warns(UserWarning, match="initialize_count_status"):
+        micro_batch(resumed_never, model)
+
+
 def run(model: nn.Module, wrapper: OptimWrapper, seeds: range) -> None:
     for seed in seeds:
         with wrapper.optim_context(model):
@@ -800,6 +831,10 @@ def test_a_mismatched_state_dict_raises_before_changing_anything():
     bad_counters = dict(sgd(make_model(), lr=0.5).state_dict(), hwoptim={"inner_count": -3})
     with pytest.raises(ValueError, match=r"lacks 'max_counts'|inner_count"):
         wrapper.load_state_dict(bad_counters)
+    bad_mark = dict(sgd(make_model(), lr=0.5).state_dict(), hwoptim={
+        "inner_count": 1, "max_counts": -1, "accumulative_counts": 1, "end_unknown": "yes"})
+    with pytest.raises(ValueError, match="end_unknown must be True or False; got 'yes'"):
+        wrapper.load_state_dict(bad_mark)
     assert wrapper.get_lr() == {"lr": [0.1]} and wrapper.inner_count == 4
 
 
