@@ -48,6 +48,8 @@ _BINDING: dict[str, Any] = {
     "_params": [], "_n_groups": -1, "_n_params": -1, "_clip_fn": None,
     "_items_reduction": None, "_empty_mirror": None,
 }
+#: where a copy's state (see __getstate__) holds the parameters' gradients
+_COPIED_GRADS = "_copied_grads"
 #: updates between two folds of the lazily kept skip records into skipped_steps
 _FOLD_EVERY = 256
 _GROUP_PARAMS = operator.itemgetter("params")
@@ -1281,16 +1283,29 @@ class OptimWrapper:
         copied optimizer steps the copied model's parameters::
 
             model2, wrapper2 = copy.deepcopy((model, wrapper))
+
+        The parameters' gradients travel with the wrapper (torch's ``Parameter`` drops its
+        ``.grad`` when copied): a copy made inside a window holds the window's gradients
+        with its counters and item count, and its next update covers the earlier
+        micro-batches as the original's does.
         """
         state = self.__dict__.copy()
         for key in _BINDING:
             state.pop(key, None)
+        grads = [p.grad for p in self._flat_params()]
+        if any(grad is not None for grad in grads):
+            state[_COPIED_GRADS] = grads
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        grads = state.pop(_COPIED_GRADS, None)
         self.__dict__.update(state)
         for key, unbound in _BINDING.items():
             setattr(self, key, [] if key == "_params" else unbound)
+        if grads is not None:  # the copied optimizer's parameters are the copied model's
+            for param, grad in zip(self._flat_params(), grads):
+                param.grad = grad
         self._rebuild_clip_fn()
         if "mmengine" in sys.modules:  # the optimizer's logging hook is not copied: add it
             join_mmengine(self)

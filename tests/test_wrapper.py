@@ -924,6 +924,34 @@ def test_a_copy_with_num_items_trains_on_exactly_like_the_original(how):
     assert torch.equal(wrapper2.last_loss, wrapper.last_loss)
 
 
+@pytest.mark.parametrize("how", COPIES)
+@pytest.mark.parametrize("num_items", [False, True], ids=["mean-loss", "num_items"])
+def test_a_copy_made_inside_a_window_carries_the_window_s_gradients(num_items, how):
+    """torch's Parameter drops .grad when copied; the wrapper copies the window's gradients
+    with its counters, so the copy's next update covers the earlier micro-batches too."""
+    def train(w: OptimWrapper, m: nn.Module, seeds: range) -> None:
+        for seed in seeds:
+            with w.optim_context(m):
+                loss = loss_of(m, seed)
+            if num_items:
+                w.update_params(loss * (seed % 3 + 1), num_items=seed % 3 + 1)
+            else:
+                w.update_params(loss)
+
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model, momentum=0.9), accumulative_counts=3, clip_grad=dict(max_norm=1.0))
+    wrapper.initialize_count_status(model, 0, 9)
+    train(wrapper, model, range(5))  # inside the second window
+    model2, wrapper2 = copied((model, wrapper), how)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert p2.grad is not None and p2.grad is not p.grad and torch.equal(p2.grad, p.grad)
+    train(wrapper, model, range(5, 9))
+    train(wrapper2, model2, range(5, 9))
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, p2)
+    assert_same(wrapper2.state_dict(), wrapper.state_dict())
+
+
 def test_a_copy_holds_no_model_and_binds_the_one_it_is_given():
     class OwnClip(nn.Module):  # like FSDP1: the module clips its own (sharded) gradients
         def __init__(self) -> None:
