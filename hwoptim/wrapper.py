@@ -90,13 +90,16 @@ def _step_tensors(
     optimizer: torch.optim.Optimizer, params: list[Tensor], device: torch.device
 ) -> list[Tensor] | None:
     """``params`` and every value of their optimizer state, if all are tensors on
-    ``device`` and every parameter has state already; else None (not restorable there)."""
+    ``device``; else None (not restorable there). A parameter without state contributes
+    itself alone: either the optimizer keeps none (SGD without momentum: the parameters
+    are the whole state), or the step is about to create it, which the caller sees by
+    comparing this list before and after the step."""
     tensors = list(params)
     state = optimizer.state
     for param in params:
         entry = state.get(param)
         if not entry:
-            return None
+            continue
         for value in entry.values():
             if value is None:
                 continue
@@ -483,9 +486,10 @@ class OptimWrapper:
 
         What a step changes is the parameters with a gradient and their optimizer state.
         Both are copied before it and, for a bad update, copied back after it
-        (``torch.where`` on the device: no host sync). Where that cannot be exact, decided
-        on the host from the state's layout alone -- a parameter whose state the step is
-        about to create, a state value that is not a tensor on the flag's device (the host
+        (``torch.where`` on the device: no host sync); an optimizer without per-parameter
+        state (SGD without momentum) has its parameters restored. Where that cannot be
+        exact, decided on the host from the state's layout alone -- a parameter whose state
+        the step created, a state value that is not a tensor on the flag's device (the host
         step count of a non-capturable Adam on a GPU), or a state tensor the step replaced
         by one of another shape -- nothing is restored and the update counts as zeroed.
         ``step``, ``all_params``: what steps the optimizer and the flat parameter list

@@ -447,6 +447,8 @@ OPTIMIZERS = {
     "adam-amsgrad": lambda ps: torch.optim.Adam(ps, lr=0.1, amsgrad=True),
     "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1, initial_accumulator_value=0.1),
     "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+    # no per-parameter state at all: the parameters are the whole state (issue 17 item 15)
+    "sgd-weight-decay": lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.1),
     "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5),
 }
 
