@@ -106,7 +106,36 @@ def _step_tensors(
             if not isinstance(value, Tensor) or value.device != device:
                 return None
             tensors.append(value)
+    for group in optimizer.param_groups:  # state kept in a group (Prodigy's d, ...)
+        for key, value in group.items():
+            if key != "params" and isinstance(value, Tensor):
+                if value.device != device:
+                    return None
+                tensors.append(value)
     return tensors
+
+
+def _group_values(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The values of each parameter group other than its parameters and tensors: the
+    Python numbers (lr, a step counter) a step may change on the host."""
+    return [
+        {k: v for k, v in group.items() if k != "params" and not isinstance(v, Tensor)}
+        for group in optimizer.param_groups
+    ]
+
+
+def _same_values(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> bool:
+    """Whether ``_group_values`` is unchanged: each value the same object or equal."""
+    if len(before) != len(after):
+        return False
+    for old, new in zip(before, after):
+        if old.keys() != new.keys():
+            return False
+        for key, value in old.items():
+            other = new[key]
+            if other is not value and (type(other) is not type(value) or (other == value) is not True):
+                return False
+    return True
 
 
 def _keeps_own_grads(model: Any) -> bool:
@@ -489,9 +518,11 @@ class OptimWrapper:
         (``torch.where`` on the device: no host sync); an optimizer without per-parameter
         state (SGD without momentum) has its parameters restored. Where that cannot be
         exact, decided on the host from the state's layout alone -- a parameter whose state
-        the step created, a state value that is not a tensor on the flag's device (the host
-        step count of a non-capturable Adam on a GPU), or a state tensor the step replaced
-        by one of another shape -- nothing is restored and the update counts as zeroed.
+        the step created, a Python value of a parameter group the step changed (a step
+        counter kept there: group tensors are restored like the state), a state value
+        that is not a tensor on the flag's device (the host step count of a
+        non-capturable Adam on a GPU), or a state tensor the step replaced by one of
+        another shape -- nothing is restored and the update counts as zeroed.
         ``step``, ``all_params``: what steps the optimizer and the flat parameter list
         (compile_step passes its own: decided outside the compiled code), by default
         ``optimizer.step`` and ``_flat_params()``.
@@ -504,6 +535,7 @@ class OptimWrapper:
         device = found_inf.device
         before = _step_tensors(self.optimizer, params, device)
         saved = None
+        values = _group_values(self.optimizer)
         if before is not None:
             with torch.no_grad():
                 saved = torch._foreach_mul(before, 1)  # copies, in their dtypes, in one call
@@ -514,6 +546,9 @@ class OptimWrapper:
             or saved is None
             or len(after) != len(saved)
             or any(a.shape != s.shape or a.dtype != s.dtype for a, s in zip(after, saved))
+            # a Python value a step changed in a group (a counter) could be put back only
+            # by reading found_inf on the host, a sync: the update counts as zeroed
+            or not _same_values(values, _group_values(self.optimizer))
         ):
             self._count_zeroed(found_inf)
             return

@@ -477,6 +477,47 @@ def test_exact_skip_leaves_parameters_and_state_untouched(name, clip):
     assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (1, 0)
 
 
+class GroupCounting(torch.optim.SGD):
+    """Keeps state in its parameter groups, as Prodigy, D-Adaptation and schedule-free
+    optimizers do: a Python counter ``k`` or a device tensor ``d``, changed by each step."""
+
+    def __init__(self, params: Any, on_device: bool) -> None:
+        super().__init__(params, lr=0.1, momentum=0.9)
+        for group in self.param_groups:
+            group["k"] = torch.ones(()) if on_device else 1
+
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            if isinstance(group["k"], torch.Tensor):
+                group["k"].add_(1)
+            else:
+                group["k"] += 1
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("on_device", [True, False], ids=["tensor", "python"])
+def test_exact_skip_restores_group_state_on_the_device_or_counts_the_step_as_zeroed(on_device):
+    """A tensor kept in a parameter group is restored like the per-parameter state. A
+    Python value cannot be put back without reading the flag on the host (a sync): the
+    update counts as zeroed, not as a real skip (docs/logging.md)."""
+    model = make_model()
+    optimizer = GroupCounting(model.parameters(), on_device)
+    wrapper = OptimWrapper(optimizer, clip_grad=dict(max_norm=1.0), exact_skip=True)
+    wrapper.update_params(loss_of(model, 0))
+    assert float(optimizer.param_groups[0]["k"]) == 2
+    params = params_of(model)
+    wrapper.update_params(inf_loss(model))
+    if on_device:
+        assert float(optimizer.param_groups[0]["k"]) == 2
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), params))
+        assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (1, 0)
+    else:
+        assert optimizer.param_groups[0]["k"] == 3  # the step ran; it is counted as such
+        assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (0, 1)
+    wrapper.update_params(loss_of(model, 1))  # a finite update counts as neither
+    assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == ((1, 0) if on_device else (0, 1))
+
+
 def test_exact_skip_trains_exactly_like_a_run_without_the_bad_update():
     model, reference = make_model(), make_model()
     wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-2), clip_grad=dict(max_norm=1.0),
