@@ -35,8 +35,8 @@ class LoadPlan:
 
     #: the optimizer's own state dict (the wrapper's keys removed)
     optimizer_state: dict[str, Any]
-    #: (inner_count, max_counts), or None for a bare optimizer state dict
-    counters: Optional[tuple[int, int]] = None
+    #: (inner_count, max_counts, end_unknown), or None for a bare optimizer state dict
+    counters: Optional[tuple[int, int, bool]] = None
     #: saved partial gradients, one per parameter (None: no gradient), or None for none usable
     grads: Optional[tuple[Optional[Tensor], ...]] = None
     #: the num_items window the gradients belong to (with ``grads`` only)
@@ -193,10 +193,16 @@ def apply(
     optimizer.load_state_dict(load_plan.optimizer_state)
     if load_plan.counters is not None:
         window.load(*load_plan.counters)
+    # The window becomes the checkpoint's: its saved gradients and item count, else none;
+    # the live window's must not leak into the next update of a rollback in this process.
     if load_plan.grads is not None:
         for param, grad in zip(params, load_plan.grads):
             param.grad = None if grad is None else grad.to(param.device, param.dtype, copy=True)
         window.grads_restored_at = window.inner
         items.restore(load_plan.items_window, params[0].device if params else None)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        items.reset()
+        window.grads_restored_at = -1
     if load_plan.scaler_state is not None:
         precision.load(load_plan.scaler_state)

@@ -42,21 +42,51 @@ def _bad_update(norm: Tensor | None, empty: Tensor | None) -> Tensor:
 
 
 def _step_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor], device: torch.device) -> list[Tensor] | None:
-    """``params`` and all their optimizer state, if every value is a tensor on ``device``
-    and every parameter has state already; else None (not restorable there)."""
+    """``params``, their optimizer state and the groups' tensors, if every value is a tensor
+    on ``device``; else None (not restorable there). A parameter without state adds itself
+    alone (an optimizer without any, or state the step is about to create: the caller
+    compares this list before and after the step)."""
     tensors = list(params)
     state = optimizer.state
     for param in params:
         entry = state.get(param)
         if not entry:
-            return None
+            continue
         for value in entry.values():
             if value is None:
                 continue
             if not isinstance(value, Tensor) or value.device != device:
                 return None
             tensors.append(value)
+    for group in optimizer.param_groups:  # state kept in a group (Prodigy's d, ...)
+        for key, value in group.items():
+            if key != "params" and isinstance(value, Tensor):
+                if value.device != device:
+                    return None
+                tensors.append(value)
     return tensors
+
+
+def _group_values(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each group's values other than its parameters and tensors (lr, a step counter)."""
+    return [
+        {k: v for k, v in group.items() if k != "params" and not isinstance(v, Tensor)}
+        for group in optimizer.param_groups
+    ]
+
+
+def _same_values(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> bool:
+    """Whether ``_group_values`` is unchanged: each value the same object or equal."""
+    if len(before) != len(after):
+        return False
+    for old, new in zip(before, after):
+        if old.keys() != new.keys():
+            return False
+        for key, value in old.items():
+            other = new[key]
+            if other is not value and (type(other) is not type(value) or (other == value) is not True):
+                return False
+    return True
 
 
 class Guard:
@@ -191,14 +221,15 @@ class Guard:
         self, all_params: list[Tensor], norm: Tensor | None, found_inf: Tensor,
         kwargs: Mapping[str, Any], step: Callable[..., Any],
     ) -> None:
-        """EXACT: copy what the step changes, step, copy back on the device when bad
-        (a zeroed step, counted so, where the state's layout does not allow it)."""
+        """EXACT: copy what the step changes, step, copy back on the device when bad (a
+        zeroed step, counted so, where the layout does not allow it: docs/non-finite.md)."""
         params = [p for p in all_params if p.grad is not None]
         if norm is not None:
             self._zero_nonfinite_grads(norm, [p.grad for p in params if p.grad is not None])
         device = found_inf.device
         before = _step_tensors(self._optimizer, params, device)
         saved = None
+        values = _group_values(self._optimizer)
         if before is not None:
             with torch.no_grad():
                 saved = torch._foreach_mul(before, 1)  # copies, in their dtypes, in one call
@@ -209,6 +240,9 @@ class Guard:
             or saved is None
             or len(after) != len(saved)
             or any(a.shape != s.shape or a.dtype != s.dtype for a, s in zip(after, saved))
+            # a Python value the step changed in a group could be put back only by reading
+            # found_inf on the host, a sync: the update counts as zeroed
+            or not _same_values(values, _group_values(self._optimizer))
         ):
             self._counter.add(ZEROED, found_inf)
             return

@@ -36,6 +36,8 @@ class AccumulationWindow:
         self._remainder = -1
         #: the unknown-end warning was given, or the caller said the end is unknown
         self.warned_unknown_end = False
+        #: initialize_count_status(..., max_counts=None) said the end is unknown (saved so)
+        self.end_unknown = False
         #: the inner count whose window's gradients a checkpoint restored (-1: none)
         self.grads_restored_at = -1
 
@@ -56,9 +58,14 @@ class AccumulationWindow:
                 self.warn_unknown_end()
             return acc
         inner = self.inner
-        if inner >= max_counts or inner < max_counts - self._remainder:
-            return acc  # past max_counts windows are full again (mmengine divides by 0)
-        return self._remainder
+        last_start = max_counts - self._remainder  # where the remainder window starts
+        if inner < last_start:
+            return acc
+        if inner < max_counts:
+            return self._remainder
+        if inner < last_start + acc:  # past max_counts, up to the next multiple of acc
+            return acc - self._remainder
+        return acc
 
     def warn_unknown_end(self) -> None:
         """Warn once that the last, partial window will not step."""
@@ -98,6 +105,7 @@ class AccumulationWindow:
                 "state_dict(), or checkpoint at the end of a window"
             )
         self.inner = init_counts
+        self.end_unknown = max_counts is None
         if max_counts is None:
             self.max_counts = self._remainder = -1
             self.warned_unknown_end = True  # the caller said so on purpose
@@ -116,10 +124,14 @@ class AccumulationWindow:
 
     def state(self) -> dict[str, Any]:
         """The counters as saved in ``state_dict()["hwoptim"]``."""
-        return {"inner_count": self.inner, "max_counts": self.max_counts, "accumulative_counts": self.acc}
+        state = {"inner_count": self.inner, "max_counts": self.max_counts, "accumulative_counts": self.acc}
+        if self.max_counts == -1 and self.end_unknown:
+            state["end_unknown"] = True  # said so: not the -1 of a run that never called it
+        return state
 
-    def check_saved(self, counters: Any) -> tuple[int, int]:
-        """Saved counters checked: (inner_count, max_counts); warns on another window length."""
+    def check_saved(self, counters: Any) -> tuple[int, int, bool]:
+        """Saved counters checked: (inner_count, max_counts, end_unknown); warns on another
+        window length."""
         if not isinstance(counters, Mapping):
             raise ValueError(f"state dict entry {STATE_KEY!r} must be a dict; got {counters!r:.80}")
         try:
@@ -131,14 +143,23 @@ class AccumulationWindow:
         inner = check_int(inner, f"state dict {STATE_KEY}.inner_count", 0)
         max_counts = check_int(max_counts, f"state dict {STATE_KEY}.max_counts", -1)
         acc = check_int(acc, f"state dict {STATE_KEY}.accumulative_counts", 1)
+        end_unknown = counters.get("end_unknown", False)
+        if not isinstance(end_unknown, bool):
+            raise ValueError(
+                f"state dict entry {STATE_KEY}.end_unknown must be True or False; got {end_unknown!r:.80}"
+            )
         if acc != self.acc:
             warn(
                 f"the checkpoint was saved with accumulative_counts={acc}; this wrapper uses "
                 f"{self.acc}: windows follow the new value from here on"
             )
-        return inner, max_counts
+        return inner, max_counts, end_unknown
 
-    def load(self, inner: int, max_counts: int) -> None:
+    def load(self, inner: int, max_counts: int, end_unknown: bool) -> None:
         """Apply counters returned by ``check_saved``."""
         self.inner = inner
         self.set_end(max_counts)
+        # the saved run (or this one, before the load) said the end is unknown: no warning
+        self.end_unknown = max_counts == -1 and (end_unknown or self.end_unknown)
+        if self.end_unknown:
+            self.warned_unknown_end = True

@@ -260,11 +260,17 @@ class ItemWindow:
         state["reduction"] = state["_empty_mirror"] = None  # the model's, and pinned memory
         return state
 
-    def check(self, num_items: Any) -> int | Tensor:
-        """A micro-batch's count, checked on the host before its backward."""
+    def check(self, loss: Tensor, num_items: Any) -> int | Tensor:
+        """A micro-batch's count, checked on the host before its backward; the loss must
+        be one number (of any shape, as for ``backward``)."""
         count = check_num_items(num_items)
         if self.plain:
             raise ValueError(_mixed_window_message("with"))
+        if loss.numel() != 1:
+            raise ValueError(
+                "with num_items the loss must be one number, the sum of the micro-batch's "
+                f"item losses; got a tensor of shape {tuple(loss.shape)}: sum it first"
+            )
         return count
 
     def check_plain(self) -> None:
@@ -274,13 +280,13 @@ class ItemWindow:
 
     def add(self, loss: Tensor, count: int | Tensor) -> None:
         """Add a micro-batch's count and summed loss, on the device (an int stays on the host)."""
-        summed = loss.detach().float()
+        summed = loss.detach().float().reshape(())  # one element of any shape: its scalar
         if self.loss is not None:
             summed = self.loss + summed
         if isinstance(count, int):
             self.host_items += count
         else:
-            count = count.to(summed.device, torch.float32, non_blocking=True)
+            count = count.to(summed.device, torch.float32, non_blocking=True).reshape(())
             if self.items is not None:
                 count = self.items + count
             self.items = count
@@ -375,6 +381,6 @@ class ItemWindow:
             return
         loss, items, host_items = window
         device = loss.device if device is None else device
-        self.loss = loss.to(device, torch.float32, copy=True)
-        self.items = None if items is None else items.to(device, torch.float32, copy=True)
+        self.loss = loss.to(device, torch.float32, copy=True).reshape(())
+        self.items = None if items is None else items.to(device, torch.float32, copy=True).reshape(())
         self.host_items = host_items

@@ -45,6 +45,8 @@ __all__ = ["STATE_KEY", "OptimWrapper", "check_accumulative_counts"]
 STATE_KEY = _checkpoint.STATE_KEY
 _EMPTY: Mapping[str, Any] = {}
 _NO_PARAMS: list[Tensor] = []
+#: where a copy's state holds the parameters' gradients
+_COPIED_GRADS = "_copied_grads"
 
 
 def _has_batch_norm(model: Any) -> bool:
@@ -242,7 +244,7 @@ class OptimWrapper:
                 self._precision.scale(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
                 items.plain = True
             else:
-                count = items.check(num_items)
+                count = items.check(loss, num_items)
                 self._precision.scale(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
                 items.add(loss, count)  # only once its gradients are there
         finally:
@@ -542,10 +544,24 @@ class OptimWrapper:
 
     # -- copies: pickle, torch.save, copy.deepcopy ------------------------------------------
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy holds everything but the model (docs/checkpoints.md, "Copies"), plus the
+        parameters' gradients, which torch's ``Parameter`` drops when copied."""
+        state = self.__dict__.copy()
+        grads = [p.grad for p in self._binding.params()]
+        if any(grad is not None for grad in grads):
+            state[_COPIED_GRADS] = grads
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """A copy holds everything but the model (see docs/checkpoints.md, "Copies"): it
-        learns its model at the next ``optim_context`` or ``initialize_count_status``."""
+        """Rebuild a copy: it learns its model at the next ``optim_context`` or
+        ``initialize_count_status``; the copied parameters get their gradients back."""
+        state = dict(state)
+        grads = state.pop(_COPIED_GRADS, None)
         self.__dict__.update(state)
+        if grads is not None:  # the copied optimizer's parameters are the copied model's
+            for param, grad in zip(self._binding.params(), grads):
+                param.grad = grad
         self._guard.bind(None)
         _extensions.wrapper_created(self)  # the optimizer's hooks are not copied
 

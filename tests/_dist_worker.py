@@ -177,9 +177,10 @@ def _fsdp2_accumulation(
 
 def _train_items(
     wrapper: OptimWrapper, model: Any, rank: int, as_int: bool,
-    grad_collectives: Callable[[], int], all_reduces: list[int],
+    grad_collectives: Callable[[], int], all_reduces: list[int], one_element: bool = False,
 ) -> dict[str, Any]:
-    """N_ITERS micro-batches of items_batch with num_items, mmengine's calling pattern."""
+    """N_ITERS micro-batches of items_batch with num_items, mmengine's calling pattern;
+    ``one_element``: the loss and the tensor count of shape (1,) instead of 0-dim."""
     wrapper.initialize_count_status(model, 0, N_ITERS)
     record: dict[str, Any] = {"grad_collectives": [], "all_reduces": [], "last_loss": []}
     for i in range(N_ITERS):
@@ -187,7 +188,10 @@ def _train_items(
         grads_before, reduces_before = grad_collectives(), all_reduces[0]
         with wrapper.optim_context(model):
             loss = items_loss(model(x), y)
-        wrapper.update_params(loss, num_items=len(x) if as_int else torch.tensor(len(x)))
+        count = torch.tensor([len(x)] if one_element else len(x))
+        if one_element:
+            loss = loss.reshape(1)
+        wrapper.update_params(loss, num_items=len(x) if as_int else count)
         record["grad_collectives"].append(grad_collectives() - grads_before)
         record["all_reduces"].append(all_reduces[0] - reduces_before)
         if SYNCED[i]:
@@ -195,11 +199,13 @@ def _train_items(
     return record
 
 
-def _ddp_num_items(rank: int) -> dict[str, Any]:
+def _ddp_num_items(rank: int, one_element: bool = False) -> dict[str, Any]:
     ddp, calls = ddp_with_counter(make_model())
     wrapper = OptimWrapper(sgd(ddp), accumulative_counts=ACC, clip_grad=CLIP)
     with counting("all_reduce") as all_reduces:
-        record = _train_items(wrapper, ddp, rank, True, lambda: calls[0], all_reduces)
+        record = _train_items(
+            wrapper, ddp, rank, not one_element, lambda: calls[0], all_reduces, one_element
+        )
     record["params"] = params_of(ddp.module)
     return record
 
@@ -460,6 +466,7 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "fsdp2_fp16_sharded_scaler": lambda rank, _: _fsdp2_fp16_sharded_scaler(rank),
     "fsdp2_fused_overflow": lambda rank, _: _fsdp2_fused_overflow(rank),
     "ddp_num_items": lambda rank, _: _ddp_num_items(rank),
+    "ddp_num_items_one_element": lambda rank, _: _ddp_num_items(rank, one_element=True),
     "fsdp2_num_items": lambda rank, _: _fsdp2_num_items(rank),
     "hsdp_num_items": lambda rank, _: _fsdp2_num_items(rank, hsdp=True),
     "fsdp2_fp16_num_items": lambda rank, _: _fsdp2_fp16_num_items(rank),

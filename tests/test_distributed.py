@@ -225,7 +225,11 @@ def test_fsdp2_fused_optimizer_ends_where_one_process_without_the_bad_step_ends(
 
 # -- item-weighted accumulation (num_items) ------------------------------------------------------
 
-ITEMS_RUNS = ["ddp_num_items", sharded("fsdp2_num_items"), sharded("hsdp_num_items")]
+#: ddp_num_items_one_element: the loss and the tensor count of shape (1,), not 0-dim
+ITEMS_RUNS = [
+    "ddp_num_items", "ddp_num_items_one_element", sharded("fsdp2_num_items"),
+    sharded("hsdp_num_items"),
+]
 
 
 def items_reference() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:

@@ -449,6 +449,8 @@ OPTIMIZERS = {
     "adam-amsgrad": lambda ps: torch.optim.Adam(ps, lr=0.1, amsgrad=True),
     "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1, initial_accumulator_value=0.1),
     "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+    # no per-parameter state at all: the parameters are the whole state (issue 17 item 15)
+    "sgd-weight-decay": lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.1),
     "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5),
 }
 
@@ -475,6 +477,47 @@ def test_exact_skip_leaves_parameters_and_state_untouched(name, clip):
     wrapper.update_params(loss_of(model, 1))  # a finite step still steps
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), params))
     assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (1, 0)
+
+
+class GroupCounting(torch.optim.SGD):
+    """Keeps state in its parameter groups, as Prodigy, D-Adaptation and schedule-free
+    optimizers do: a Python counter ``k`` or a device tensor ``d``, changed by each step."""
+
+    def __init__(self, params: Any, on_device: bool) -> None:
+        super().__init__(params, lr=0.1, momentum=0.9)
+        for group in self.param_groups:
+            group["k"] = torch.ones(()) if on_device else 1
+
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            if isinstance(group["k"], torch.Tensor):
+                group["k"].add_(1)
+            else:
+                group["k"] += 1
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("on_device", [True, False], ids=["tensor", "python"])
+def test_exact_skip_restores_group_state_on_the_device_or_counts_the_step_as_zeroed(on_device):
+    """A tensor kept in a parameter group is restored like the per-parameter state. A
+    Python value cannot be put back without reading the flag on the host (a sync): the
+    update counts as zeroed, not as a real skip (docs/logging.md)."""
+    model = make_model()
+    optimizer = GroupCounting(model.parameters(), on_device)
+    wrapper = OptimWrapper(optimizer, clip_grad=dict(max_norm=1.0), exact_skip=True)
+    wrapper.update_params(loss_of(model, 0))
+    assert float(optimizer.param_groups[0]["k"]) == 2
+    params = params_of(model)
+    wrapper.update_params(inf_loss(model))
+    if on_device:
+        assert float(optimizer.param_groups[0]["k"]) == 2
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), params))
+        assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (1, 0)
+    else:
+        assert optimizer.param_groups[0]["k"] == 3  # the step ran; it is counted as such
+        assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (0, 1)
+    wrapper.update_params(loss_of(model, 1))  # a finite update counts as neither
+    assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == ((1, 0) if on_device else (0, 1))
 
 
 def test_exact_skip_trains_exactly_like_a_run_without_the_bad_update():
@@ -626,6 +669,36 @@ def test_a_checkpoint_inside_a_num_items_window_resumes_bit_identically():
             assert torch.equal(got, want), f"checkpoint after micro-batch {k}"
         if k < N_MICRO:  # the last update ran after the resume: its loss per item agrees
             assert torch.equal(resumed_wrapper.last_loss, ref_wrapper.last_loss)
+
+
+@pytest.mark.parametrize("items", [False, True], ids=["mean-loss", "num_items"])
+@pytest.mark.parametrize(("saved_at", "save"), [(3, False), (3, True), (4, True)],
+                         ids=["boundary", "boundary-save-partial", "inside-save-partial"])
+def test_rolling_back_to_a_checkpoint_in_the_same_process_is_exact(items, saved_at, save):
+    """Loading a checkpoint sets the window to what the checkpoint holds: the live window's
+    gradients and item count, trained after the save, do not leak into the next update."""
+    run = train_items if items else train
+    reference = make_model()
+    ref_wrapper = WRAPPERS["fp32-clip"](reference, False)
+    ref_wrapper.initialize_count_status(reference, 0, N_MICRO)
+    run(ref_wrapper, reference, range(N_MICRO))
+    model = make_model()
+    wrapper = WRAPPERS["fp32-clip"](model, save)
+    wrapper.initialize_count_status(model, 0, N_MICRO)
+    run(wrapper, model, range(saved_at))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": wrapper.state_dict()}, buffer)
+    run(wrapper, model, range(saved_at, saved_at + 1))  # then roll back to the checkpoint
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    wrapper.load_state_dict(checkpoint["optimizer"])
+    wrapper.initialize_count_status(model, saved_at, N_MICRO)
+    run(wrapper, model, range(saved_at, N_MICRO))
+    for got, want in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(got, want)
+    if items:
+        assert torch.equal(wrapper.last_loss, ref_wrapper.last_loss)
 
 
 def test_a_bad_saved_items_window_raises_before_anything_changes():

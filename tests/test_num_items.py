@@ -320,6 +320,41 @@ def test_int_and_tensor_counts_may_share_a_window() -> None:
     assert_params_close(model, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("loss_shape", "count_shape"),
+    [((), (1,)), ((1,), None), ((1,), ()), ((1, 1), (1, 1))],
+    ids=["count-(1,)", "loss-(1,)-int-count", "loss-(1,)", "both-(1,1)"],
+)
+def test_one_element_losses_and_counts_are_taken_as_their_scalar(
+    loss_shape: tuple[int, ...], count_shape: tuple[int, ...] | None
+) -> None:
+    """As torch's backward takes a loss of shape (1,): same update, last_loss a 0-dim tensor."""
+    batches = lm_batches(SIZES[:4], seed=6)
+    model = TinyLM(torch.float64)
+    want, want_losses = reference(copy.deepcopy(model), batches, 2)
+    wrapper = OptimWrapper(sgd(model), 2)
+    wrapper.initialize_count_status(model, 0, len(batches))
+    losses = []
+    for batch in batches:
+        n = count(batch)
+        given = int(n) if count_shape is None else n.reshape(count_shape)
+        wrapper.update_params(summed_loss(model, batch).reshape(loss_shape), num_items=given)
+        if wrapper.should_update():
+            losses.append(wrapper.last_loss)
+    assert_params_close(model, want, rtol=1e-12, atol=1e-12)
+    assert [loss.shape for loss in losses] == [torch.Size([])] * 2
+    torch.testing.assert_close(losses, [w.float() for w in want_losses], rtol=1e-6, atol=1e-6)
+
+
+def test_a_loss_of_several_numbers_is_refused_with_num_items_before_its_backward() -> None:
+    model = nn.Linear(2, 1)
+    wrapper = OptimWrapper(sgd(model), 2)
+    with pytest.raises(ValueError, match=r"loss must be one number.*shape \(3, 1\)"):
+        wrapper.backward(model(torch.ones(3, 2)), num_items=3, gradient=torch.ones(3, 1))
+    assert wrapper.inner_count == 0
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_counts_of_any_integer_type_are_taken() -> None:
     assert check_num_items(np.int64(3)) == 3
     assert check_num_items(torch.tensor([5], dtype=torch.int32)).shape == (1,)

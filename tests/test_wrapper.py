@@ -198,6 +198,26 @@ def test_past_max_counts_windows_are_full_instead_of_dividing_by_zero():
         wrapper._window.inner += 1
 
 
+def test_past_a_max_counts_inside_a_window_the_first_window_divides_by_its_length():
+    """acc 4, max_counts 10: windows 1-4, 5-8, the remainder 9-10, then (training goes on)
+    11-12, which ends at the next multiple of 4 and holds 2 micro-batches, then 13-16. Each
+    update is the gradient of its window's mean loss, as plain torch computes it."""
+    model = make_model()
+    reference = copy.deepcopy(model)
+    wrapper = OptimWrapper(sgd(model), accumulative_counts=4)
+    wrapper.initialize_count_status(model, 0, 10)
+    for seed in range(16):
+        wrapper.update_params(loss_of(model, seed))
+    optimizer = sgd(reference)
+    for window in (range(0, 4), range(4, 8), range(8, 10), range(10, 12), range(12, 16)):
+        loss = sum(loss_of(reference, seed) for seed in window) / len(window)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want)
+
+
 def test_resume_inside_a_window_warns():
     model = make_model()
     wrapper = OptimWrapper(sgd(model), accumulative_counts=3)
@@ -720,6 +740,37 @@ def test_state_dict_is_the_optimizers_plus_the_counters():
     assert {k: v for k, v in state.items() if k != "hwoptim"} == optimizer.state_dict()
 
 
+@pytest.mark.parametrize("num_items", [False, True], ids=["mean-loss", "num_items"])
+def test_a_resumed_run_whose_end_is_unknown_does_not_warn_to_call_initialize_count_status(num_items):
+    """initialize_count_status(model, 0, None) is saved as such, not as a run that never
+    called it; a checkpoint without the mark (older, or never called) still warns."""
+    def micro_batch(wrapper: OptimWrapper, model: nn.Module) -> None:
+        loss = loss_of(model, 0)
+        if num_items:
+            wrapper.update_params(loss * 6, num_items=6)
+        else:
+            wrapper.update_params(loss)
+
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model), accumulative_counts=2)
+    wrapper.initialize_count_status(model, 0, None)
+    micro_batch(wrapper, model)
+    checkpoint = copy.deepcopy(wrapper.state_dict())
+    resumed = OptimWrapper(sgd(model), accumulative_counts=2)
+    resumed.load_state_dict(checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        micro_batch(resumed, model)
+    assert resumed.inner_count == 2
+    never = OptimWrapper(sgd(model), accumulative_counts=2)
+    with pytest.warns(UserWarning, match="initialize_count_status"):
+        micro_batch(never, model)
+    resumed_never = OptimWrapper(sgd(model), accumulative_counts=2)
+    resumed_never.load_state_dict(copy.deepcopy(never.state_dict()))
+    with pytest.warns(UserWarning, match="initialize_count_status"):
+        micro_batch(resumed_never, model)
+
+
 def run(model: nn.Module, wrapper: OptimWrapper, seeds: range) -> None:
     for seed in seeds:
         with wrapper.optim_context(model):
@@ -783,6 +834,10 @@ def test_a_mismatched_state_dict_raises_before_changing_anything():
     bad_counters = dict(sgd(make_model(), lr=0.5).state_dict(), hwoptim={"inner_count": -3})
     with pytest.raises(ValueError, match=r"lacks 'max_counts'|inner_count"):
         wrapper.load_state_dict(bad_counters)
+    bad_mark = dict(sgd(make_model(), lr=0.5).state_dict(), hwoptim={
+        "inner_count": 1, "max_counts": -1, "accumulative_counts": 1, "end_unknown": "yes"})
+    with pytest.raises(ValueError, match="end_unknown must be True or False; got 'yes'"):
+        wrapper.load_state_dict(bad_mark)
     assert wrapper.get_lr() == {"lr": [0.1]} and wrapper.inner_count == 4
 
 
@@ -870,6 +925,34 @@ def test_a_copy_with_num_items_trains_on_exactly_like_the_original(how):
     for p, p2 in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, p2)
     assert torch.equal(wrapper2.last_loss, wrapper.last_loss)
+
+
+@pytest.mark.parametrize("how", COPIES)
+@pytest.mark.parametrize("num_items", [False, True], ids=["mean-loss", "num_items"])
+def test_a_copy_made_inside_a_window_carries_the_window_s_gradients(num_items, how):
+    """torch's Parameter drops .grad when copied; the wrapper copies the window's gradients
+    with its counters, so the copy's next update covers the earlier micro-batches too."""
+    def train(w: OptimWrapper, m: nn.Module, seeds: range) -> None:
+        for seed in seeds:
+            with w.optim_context(m):
+                loss = loss_of(m, seed)
+            if num_items:
+                w.update_params(loss * (seed % 3 + 1), num_items=seed % 3 + 1)
+            else:
+                w.update_params(loss)
+
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model, momentum=0.9), accumulative_counts=3, clip_grad=dict(max_norm=1.0))
+    wrapper.initialize_count_status(model, 0, 9)
+    train(wrapper, model, range(5))  # inside the second window
+    model2, wrapper2 = copied((model, wrapper), how)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert p2.grad is not None and p2.grad is not p.grad and torch.equal(p2.grad, p.grad)
+    train(wrapper, model, range(5, 9))
+    train(wrapper2, model2, range(5, 9))
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, p2)
+    assert_same(wrapper2.state_dict(), wrapper.state_dict())
 
 
 def test_a_copy_holds_no_model_and_binds_the_one_it_is_given():
