@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from hwoptim.backends import registry
 from hwoptim.backends.base import Backend
 from hwoptim.backends.registry import _current_accelerator, list_backends
 
@@ -143,3 +144,6 @@ def _dist_backend(device_type: str) -> str:
         return str(dist.Backend.default_device_backend_map.get(device_type, "gloo"))
     except Exception:
         return "gloo"
+
+
+registry._generic_factory = generic_backend_for  # the registry's fallback for unclaimed devices

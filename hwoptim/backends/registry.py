@@ -285,11 +285,14 @@ def _by_device_type(device_type: str) -> type[Backend] | None:
     return max(claimants, key=lambda c: c.priority) if claimants else None
 
 
+#: hwoptim.backends.generic's generic_backend_for, set when that module is imported (by
+#: hwoptim.backends): it imports this module, so this one does not import it
+_generic_factory: Any = None
+
+
 def _generic_for(device_type: str) -> type[Backend] | None:
     """A backend class for a device torch knows but no backend claims, or None."""
-    from hwoptim.backends.generic import generic_backend_for  # it imports this module
-
-    return generic_backend_for(device_type)
+    return None if _generic_factory is None else _generic_factory(device_type)
 
 
 def _apply_mock(backend: Backend) -> None:
