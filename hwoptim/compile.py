@@ -10,11 +10,14 @@ and runs the same update function uncompiled from then on.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Union
 
 import torch
+
+from hwoptim._warn import warn
+
+__all__ = ["CompileStep", "CompiledUpdate", "parse_compile_step"]
 
 #: what ``compile_step`` takes: False, True or a dict of torch.compile keyword arguments
 CompileStep = Union[bool, Mapping[str, Any]]
@@ -160,13 +163,12 @@ class CompiledUpdate:
             detail = f"{type(exc).__name__}, caused by {_describe(root)}"
         self.reason = detail
         self._fn = None
-        warnings.warn(
+        warn(
             f"{self.owner}(compile_step=...): torch.compile could not compile the update "
             f"({detail}); the update runs uncompiled from now on, with the same results. "
             "Check that torch.compile works here (a C++ compiler for the CPU, Triton for "
             "a GPU, a supported Python), or pass compile_step=False to silence this.",
             RuntimeWarning,
-            stacklevel=4,
         )
 
 
