@@ -8,7 +8,7 @@ The policy is chosen once, at construction, from the optimizer and the options:
 
 A precision policy with a scaler overrides all three with its own found_inf. ``_body`` is
 the one update -- clip, decide, step, count -- that runs eagerly and, under
-``compile_step``, compiled by torch.compile. docs/non-finite.md explains the policies.
+``compile_step``, compiled by torch.compile. docs/architecture.md ("The guard") explains the policies.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ class Guard:
         kwargs: Mapping[str, Any], step: Callable[..., Any],
     ) -> None:
         """EXACT: copy what the step changes, step, copy back on the device when bad (a
-        zeroed step, counted so, where the layout does not allow it: docs/non-finite.md)."""
+        zeroed step, counted so, where the layout does not allow it: docs/architecture.md)."""
         params = [p for p in all_params if p.grad is not None]
         if norm is not None:
             self._zero_nonfinite_grads(norm, [p.grad for p in params if p.grad is not None])

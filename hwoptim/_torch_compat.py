@@ -16,7 +16,7 @@ from torch import Tensor
 __all__ = [
     "add_to_scaler_found_inf",
     "forget_scaler_step",
-    "is_batch_norm",
+    "has_batch_norm",
     "note_scheduler_call",
     "scaler_found_inf",
     "scaler_scale",
@@ -100,6 +100,7 @@ def scaler_scale(scaler: Any) -> Tensor | None:
     return None if get_scale is None else get_scale()
 
 
-def is_batch_norm(module: Any) -> bool:
-    """Whether ``module`` is a batch norm layer (torch's ``_BatchNorm`` base)."""
-    return isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+def has_batch_norm(model: Any) -> bool:
+    """Whether ``model`` has batch norm layers (torch's ``_BatchNorm`` base)."""
+    batch_norm = torch.nn.modules.batchnorm._BatchNorm
+    return isinstance(model, torch.nn.Module) and any(isinstance(m, batch_norm) for m in model.modules())

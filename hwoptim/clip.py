@@ -133,10 +133,7 @@ class ClipGrad:
             if type(norm) is not Tensor:
                 norm = agree(global_norm(norm), getattr(norm, "device_mesh", None))
                 if error and not bool(torch.isfinite(norm)):  # opted in: this sync is the point
-                    raise RuntimeError(
-                        f"the total gradient norm is {norm} on some rank of the mesh, so it "
-                        "cannot be clipped (clip_grad error_if_nonfinite=True)"
-                    )
+                    raise _nonfinite_error(norm, " on some rank of the mesh")
             clip_with_norm(params, max_norm, norm, foreach)
             return norm
 
@@ -148,10 +145,7 @@ class ClipGrad:
         def clip_module(params: Sequence[Tensor]) -> Tensor:
             norm = module_clip(max_norm, norm_type)
             if error and not bool(torch.isfinite(norm)):  # opted in: this sync is the point
-                raise RuntimeError(
-                    f"the total gradient norm is {norm}, so it cannot be clipped "
-                    "(clip_grad error_if_nonfinite=True)"
-                )
+                raise _nonfinite_error(norm)
             return norm
 
         return clip_module
@@ -179,6 +173,14 @@ class ClipGrad:
         return f"dict(type={self.kind!r}, {args})"
 
 
+def _nonfinite_error(norm: Tensor, where: str = "") -> RuntimeError:
+    """The one error of ``error_if_nonfinite=True`` (a host read the user opted into)."""
+    return RuntimeError(
+        f"the total gradient norm is non-finite ({norm}){where}, so it cannot be clipped; "
+        "pass clip_grad error_if_nonfinite=False to have such steps skipped or zeroed instead"
+    )
+
+
 _TotalNormFn = Callable[[list[Tensor], float, bool, "bool | None"], Tensor]
 _ClipWithNormFn = Callable[[Sequence[Tensor], float, Tensor, "bool | None"], None]
 
@@ -196,10 +198,7 @@ def _total_norm_fn() -> _TotalNormFn:
         norms = [torch.linalg.vector_norm(g.detach(), norm_type).to(device) for g in grads]
         norm = torch.linalg.vector_norm(torch.stack(norms), norm_type)
         if error and not bool(torch.isfinite(norm)):
-            raise RuntimeError(
-                f"the total gradient norm is non-finite ({norm}), so it cannot be clipped "
-                "(clip_grad error_if_nonfinite=True)"
-            )
+            raise _nonfinite_error(norm)
         return cast(Tensor, norm)
 
     return fallback

@@ -31,7 +31,7 @@ from hwoptim._guard import Guard
 from hwoptim._numbers import check_flag
 from hwoptim._precision import NoScaling
 from hwoptim._skips import SkipCounter
-from hwoptim._torch_compat import is_batch_norm
+from hwoptim._torch_compat import has_batch_norm
 from hwoptim._warn import warn
 from hwoptim._window import AccumulationWindow, check_accumulative_counts
 from hwoptim.backends.base import skip_gradient_sync
@@ -47,10 +47,6 @@ _EMPTY: Mapping[str, Any] = {}
 _NO_PARAMS: list[Tensor] = []
 #: where a copy's state holds the parameters' gradients
 _COPIED_GRADS = "_copied_grads"
-
-
-def _has_batch_norm(model: Any) -> bool:
-    return isinstance(model, torch.nn.Module) and any(map(is_batch_norm, model.modules()))
 
 
 class OptimWrapper:
@@ -95,15 +91,11 @@ class OptimWrapper:
                 loss = loss_fn(model(x), y)
             wrapper.update_params(loss)
 
-    Logging: ``last_grad_norm``, ``skipped_steps``, ``last_loss`` (with ``num_items``) and
-    ``loss_scale`` are device tensors that ``update_params`` never reads. Reading one
-    (``float()``, ``.item()``, printing it) waits for the device to finish its queued work,
-    so do it every N steps, all values in one transfer::
+    Logging: ``last_grad_norm``, ``skipped_steps``, ``last_loss`` and ``loss_scale`` are
+    device tensors that ``update_params`` never reads; reading one is a host sync, so read
+    them every N steps, in one transfer (docs/logging.md)::
 
-        if step % 100 == 0:  # one host sync per 100 steps
-            norm, skipped = torch.stack(
-                [wrapper.last_grad_norm, wrapper.skipped_steps]
-            ).tolist()
+        norm, skipped = torch.stack([wrapper.last_grad_norm, wrapper.skipped_steps]).tolist()
     """
 
     #: mmengine's fake "base" parameter group, which hwoptim does not make; mmengine's
@@ -196,9 +188,8 @@ class OptimWrapper:
                 loss by the window length. Give it for every micro-batch of a window or for
                 none. See docs/variable-size-batches.md.
 
-        After an exception the wrapper stays usable: see ``backward`` and ``step``. If
-        ``zero_grad(**zero_kwargs)`` raises, the step has been taken and the gradients are
-        dropped anyway, so the next window starts from zero.
+        After an exception the wrapper stays usable (see ``backward`` and ``step``); if
+        ``zero_grad`` raises, the step was taken and the gradients are dropped anyway.
 
         .. note::
             Incurs no host sync (a loss scaler's non-fused step is torch's own).
@@ -259,13 +250,12 @@ class OptimWrapper:
         Args:
             kwargs: keyword arguments of ``optimizer.step``.
 
-        With clipping, a step whose gradient norm is inf or nan never puts a non-finite
-        value into the parameters; the same holds for a ``num_items`` window without items.
-        A loss scaler or a fused optimizer skips such a step on the device (counted in
-        ``skipped_steps``); any other optimizer steps with zeroed gradients (counted in
-        ``zeroed_steps``), unless ``exact_skip=True`` undoes it. docs/non-finite.md has the
-        details. If anything in here raises, the window's gradients are dropped (set to
-        None), a scaler is put back to the start of a step, and nothing is counted.
+        With clipping, a step whose gradient norm is inf or nan (or a ``num_items`` window
+        without items) never puts a non-finite value into the parameters: a loss scaler or
+        a fused optimizer skips it on the device (``skipped_steps``), any other optimizer
+        steps with zeroed gradients (``zeroed_steps``) unless ``exact_skip=True`` undoes it
+        (docs/architecture.md, "The guard"). If anything in here raises, the window's
+        gradients are dropped, a scaler is put back to the start of a step, nothing is counted.
 
         .. note::
             Incurs no host sync, except a loss scaler's step of a non-fused optimizer
@@ -356,7 +346,7 @@ class OptimWrapper:
         if model is not None:
             self._bind_model(model)
         window.resume(init_counts, max_counts)
-        if window.acc > 1 and _has_batch_norm(model):
+        if window.acc > 1 and has_batch_norm(model):
             warn(
                 "Gradient accumulative may slightly decrease performance because the model "
                 "has BatchNorm layers: their statistics see each micro-batch, not the window"
@@ -429,9 +419,8 @@ class OptimWrapper:
         because a gradient was inf or nan, or (``num_items``) the window held no item, as a
         device tensor.
 
-        Real skips are those of a loss scaler, of a fused optimizer (which takes found_inf)
-        and of ``exact_skip``. None until a step has been checked (checks happen when
-        clipping or loss scaling is on, or with ``num_items``).
+        Real skips are a loss scaler's, a fused optimizer's and ``exact_skip``'s. None until
+        a step has been checked (with clipping, loss scaling or ``num_items``).
 
         .. note::
             Reading its value is a host sync: read it every N steps.
@@ -446,10 +435,9 @@ class OptimWrapper:
         were stepped with zeroed gradients instead of skipped, as a device tensor (None
         until a step has been checked).
 
-        This is what a non-fused optimizer gets without a loss scaler: no non-finite value
-        reaches the parameters, but momentum, weight decay and the optimizer's step count
-        act as for a zero gradient. A fused optimizer (``fused=True``) or
-        ``exact_skip=True`` skips these steps for real, on the device.
+        What a non-fused optimizer gets without a loss scaler: momentum, weight decay and
+        the step count act as for a zero gradient. ``fused=True`` or ``exact_skip=True``
+        skip these steps for real, on the device.
 
         .. note::
             Reading its value is a host sync: read it every N steps.
