@@ -83,6 +83,7 @@ def test_the_window_length_mismatch_warning_of_load_state_dict_points_here(kind:
     assert _reported_files(lambda: loader.load_state_dict(saved), "accumulative_counts=4") == [__file__]
 
 
+@pytest.mark.filterwarnings("ignore:Gradient accumulative")
 def test_another_ranks_partial_grads_warning_points_here(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model()
     wrapper = OptimWrapper(_sgd(model), accumulative_counts=2, save_partial_grads=True)
