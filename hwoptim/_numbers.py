@@ -15,6 +15,11 @@ import math
 import numbers
 from typing import Any, Callable
 
+__all__ = [
+    "as_float", "as_int", "check_flag", "check_int", "check_optional_flag", "check_positive", "check_real",
+    "given",
+]
+
 
 def as_int(value: Any) -> int | None:
     """``value`` as an int when it is an integer of any type (int, np.int64, ...); else None.

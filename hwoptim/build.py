@@ -27,6 +27,10 @@ from hwoptim.amp import AmpOptimWrapper
 from hwoptim.wrapper import OptimWrapper
 from hwoptim.wrapper_dict import OptimWrapperDict
 
+__all__ = [
+    "ParamwiseGroups", "build_optim_wrapper", "build_optimizer", "resolve_optimizer_type", "resolve_wrapper_type",
+]
+
 _WRAPPERS: dict[str, type[OptimWrapper]] = {
     "OptimWrapper": OptimWrapper,
     "AmpOptimWrapper": AmpOptimWrapper,

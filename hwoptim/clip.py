@@ -18,6 +18,8 @@ from torch import Tensor
 from hwoptim._numbers import check_flag, check_optional_flag, check_positive
 from hwoptim.backends.base import unwrap_compiled
 
+__all__ = ["ClipFn", "ClipGrad", "global_norm", "nonfinite_flag", "parse_clip_grad"]
+
 ClipFn = Callable[[Sequence[Tensor]], Tensor]
 
 _ALLOWED = {

@@ -24,6 +24,7 @@ from hwoptim._warn import warn
 from hwoptim.backends.base import unwrap_compiled
 
 __all__ = [
+    "LOCAL",
     "HostMirror",
     "ItemWindow",
     "ItemsGroup",
@@ -31,6 +32,7 @@ __all__ = [
     "all_reduce_sum",
     "check_items_group",
     "check_num_items",
+    "fsdp2_reduction",
     "items_reduction",
 ]
 

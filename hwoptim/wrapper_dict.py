@@ -18,6 +18,8 @@ from torch import Tensor
 from hwoptim import _extensions
 from hwoptim.wrapper import OptimWrapper
 
+__all__ = ["OptimWrapperDict"]
+
 
 class OptimWrapperDict(OptimWrapper):
     """Named OptimWrappers behind one object.
