@@ -72,7 +72,7 @@ def test_a_subscriber_gets_every_new_wrapper_and_adds_its_placement_advice() -> 
 
 def test_under_mmengines_runner_the_placement_error_names_the_constructor() -> None:
     pytest.importorskip("mmengine.runner")
-    import hwoptim.mmengine  # noqa: F401  (subscribes)
+    import hwoptim.mmengine
 
     assert "mmengine.runner" in sys.modules
     model = nn.Linear(2, 1)
