@@ -2,7 +2,7 @@
 
 ``inner`` counts backpropagated micro-batches; a window ends every ``acc`` of them, and
 at ``max_counts`` (the end of training), where the last, shorter window holds the
-remainder and divides its losses by it. See docs/accumulation.md for the rule.
+remainder and divides its losses by it (docs/architecture.md has the map).
 """
 
 from __future__ import annotations

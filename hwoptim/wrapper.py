@@ -533,8 +533,8 @@ class OptimWrapper:
     # -- copies: pickle, torch.save, copy.deepcopy ------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
-        """A copy holds everything but the model (docs/checkpoints.md, "Copies"), plus the
-        parameters' gradients, which torch's ``Parameter`` drops when copied."""
+        """A copy holds everything but the model, plus the parameters' gradients (torch's
+        ``Parameter`` drops them): docs/architecture.md, "Checkpoints and copies"."""
         state = self.__dict__.copy()
         grads = [p.grad for p in self._binding.params()]
         if any(grad is not None for grad in grads):
