@@ -165,9 +165,9 @@ class CompiledUpdate:
         self._fn = None
         warn(
             f"{self.owner}(compile_step=...): torch.compile could not compile the update "
-            f"({detail}); the update runs uncompiled from now on, with the same results. "
-            "Check that torch.compile works here (a C++ compiler for the CPU, Triton for "
-            "a GPU, a supported Python), or pass compile_step=False to silence this.",
+            f"({detail}), so it runs uncompiled from now on with the same results; check "
+            "that torch.compile works here (a C++ compiler for the CPU, Triton for a GPU, a "
+            "supported Python), or pass compile_step=False to silence this",
             RuntimeWarning,
         )
 

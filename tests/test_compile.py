@@ -461,6 +461,7 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(backend: Any) -
         compiled = _run("adamw-foreach", {"backend": backend})
     ours = [w for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(ours) == 1
+    assert ours[0].filename == __file__  # the user's line (here: _run's update_params)
     message = str(ours[0].message)
     assert "runs uncompiled" in message
     assert "C++ compiler" in message or "internal compiler error" in message  # the cause
