@@ -46,7 +46,7 @@ _EMPTY: Mapping[str, Any] = {}
 _BINDING: dict[str, Any] = {
     "_model": None, "_model_type": None, "_pending_no_sync": None, "_skips_sync": False,
     "_params": [], "_n_groups": -1, "_n_params": -1, "_clip_fn": None,
-    "_items_reduction": None, "_empty_mirror": None,
+    "_items_reduction": None, "_empty_mirror": None, "_step_seen": None,
 }
 #: where a copy's state (see __getstate__) holds the parameters' gradients
 _COPIED_GRADS = "_copied_grads"
@@ -113,6 +113,18 @@ def _step_tensors(
                     return None
                 tensors.append(value)
     return tensors
+
+
+def _note_steps(optimizer: torch.optim.Optimizer) -> list[bool]:
+    """A one-element list that a step post-hook of ``optimizer`` sets to True: whether a
+    step completed since the caller last set it to False (compile_step's first call)."""
+    seen = [False]
+
+    def hook(opt: Any, args: Any, kwargs: Any) -> None:
+        seen[0] = True
+
+    optimizer.register_step_post_hook(hook)
+    return seen
 
 
 def _group_values(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -377,6 +389,8 @@ class OptimWrapper:
             self._compiled = CompiledUpdate(self._update_body, compile_kwargs, type(self).__name__)
         self._optimizer_step: Callable[..., Any] | None = None  # compile_step's, at first use
         self._found_buf: Tensor | None = None  # compile_step: found_inf for a fused optimizer
+        #: compile_step: [whether the optimizer's step has completed], set by a post-hook
+        self._step_seen: list[bool] | None = None
         self._scaler_steps = False  # AmpOptimWrapper: its scaler steps a non-fused optimizer
         if "mmengine" in sys.modules:  # a dict lookup: plain loops never import the bridge
             join_mmengine(self)
@@ -653,7 +667,9 @@ class OptimWrapper:
                 norm = compiled(*args)
             else:
                 self._optimizer_step = _unpatched_step(optimizer)
-                norm = compiled.first_call(self._undo_first_call, *args)
+                if self._step_seen is None:
+                    self._step_seen = _note_steps(optimizer)
+                norm = compiled.first_call(lambda: self._undo_first_call(found, empty), *args)
         finally:
             if sets_found:
                 del optimizer.found_inf  # type: ignore[attr-defined]
@@ -674,21 +690,60 @@ class OptimWrapper:
             self._zeroed = zero.clone()
         self._found_buf = zero
 
-    def _undo_first_call(self) -> Callable[[], None]:
+    def _undo_first_call(
+        self, found: Tensor | None, empty: Tensor | None
+    ) -> Callable[[BaseException], tuple[Tensor | None] | None]:
         """Save what the update body changes before the optimizer's step (the gradients,
         the counts); the function returned puts it back. compile_step's first call, which
-        may fail inside the compiler halfway, is undone so before it runs uncompiled."""
-        grads = [p.grad for p in self._flat_params() if p.grad is not None]
+        may fail inside the compiler halfway, is undone so before it runs uncompiled.
+
+        A failure after the optimizer's step had run (a graph compiled after it) is not
+        undone: running the update again would step twice (and call step hooks twice).
+        The step is seen by a step post-hook (``_step_seen``, registered before the first
+        compile so that nothing compiles again for it); the update is then finished here
+        (``_finish_after_step``) and its result returned in a tuple. An error there that
+        is not the compiler's is raised.
+        """
+        params = self._flat_params()
+        seen = self._step_seen
+        assert seen is not None
+        seen[0] = False
+        grads = [p.grad for p in params if p.grad is not None]
         saved = [g.detach().clone() for g in grads]
         counts = (self._skipped, self._zeroed, self.last_grad_norm)
 
-        def undo() -> None:
+        def undo(exc: BaseException) -> tuple[Tensor | None] | None:
+            if seen[0]:
+                from torch._dynamo.exc import TorchDynamoException  # imported by compiling
+
+                if not isinstance(exc, TorchDynamoException):
+                    raise exc  # the update's own error, after its step: as eagerly
+                return (self._finish_after_step(counts[:2], found, empty),)
             with torch.no_grad():
                 for grad, value in zip(grads, saved):
                     grad.copy_(value)
             self._skipped, self._zeroed, self.last_grad_norm = counts
+            return None
 
         return undo
+
+    def _finish_after_step(
+        self, counts: tuple[Tensor | None, Tensor | None], found: Tensor | None, empty: Tensor | None
+    ) -> Tensor | None:
+        """What ``_update_body`` does after the optimizer's step, for a first compiled call
+        that failed there: count the update unless it was counted. ``exact_skip``'s copies
+        were lost with the failed call, so its step stands, counted as zeroed."""
+        norm = self.last_grad_norm if self._clip_fn is not None else None
+        if self._skipped is not counts[0] or self._zeroed is not counts[1] or found is not None:
+            return norm  # counted already (a scaler's skip is counted before the step)
+        if norm is None and empty is None:
+            return norm
+        bad = _bad_update(norm, empty)
+        if self._takes_found_inf:
+            self._count_skipped(bad)
+        else:
+            self._count_zeroed(bad)
+        return norm
 
     def zero_grad(self, **kwargs: Any) -> None:
         """``optimizer.zero_grad(**kwargs)``; an item count gathered since the last step is
