@@ -89,6 +89,18 @@ def _same_values(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> b
     return True
 
 
+def _note_steps(optimizer: torch.optim.Optimizer) -> list[bool]:
+    """A one-element list a step post-hook of ``optimizer`` sets to True: whether a step
+    completed since the caller last set it to False (compile_step's first call)."""
+    seen = [False]
+
+    def hook(opt: Any, args: Any, kwargs: Any) -> None:
+        seen[0] = True
+
+    optimizer.register_step_post_hook(hook)
+    return seen
+
+
 class Guard:
     """The clip function, the non-finite policy and the one update body (eager and compiled).
 
@@ -121,6 +133,7 @@ class Guard:
         #: compile_step's compiled update (None: eager)
         self.compiled: CompiledUpdate | None = None
         self._compiled_step: Callable[..., Any] | None = None
+        self._step_seen: list[bool] | None = None  # compile_step: [the step completed]
         if compile_kwargs is not None:
             self.compiled = CompiledUpdate(self._compiled_body, compile_kwargs, owner)
         #: whether an update walks the parameters even without a num_items window
@@ -137,7 +150,8 @@ class Guard:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_clip_fn"] = state["_compiled_step"] = None  # the model's; rebuilt by bind
+        # the model's (rebuilt by bind), and the optimizer's hook (a copy has none)
+        state["_clip_fn"] = state["_compiled_step"] = state["_step_seen"] = None
         return state
 
     def bind(self, model: Any) -> None:
@@ -290,7 +304,9 @@ class Guard:
                 norm = compiled(*args)
             else:
                 self._compiled_step = self._precision.compiled_step(fused)
-                norm = compiled.first_call(lambda: self._undo_first_call(params), *args)
+                if self._step_seen is None:  # registered before compiling: no recompile for it
+                    self._step_seen = _note_steps(optimizer)
+                norm = compiled.first_call(lambda: self._undo_first_call(params, found, empty), *args)
         finally:
             if carrier is not None:
                 del optimizer.found_inf  # type: ignore[attr-defined]
@@ -298,17 +314,46 @@ class Guard:
             self.last_grad_norm = norm
         _torch_compat.note_scheduler_call(optimizer)
 
-    def _undo_first_call(self, params: list[Tensor]) -> Callable[[], None]:
-        """Save what the body changes before the step; the function returned puts it back."""
+    def _undo_first_call(
+        self, params: list[Tensor], found: Tensor | None, empty: Tensor | None
+    ) -> Callable[[BaseException], tuple[Tensor | None] | None]:
+        """Save what the body changes before the step; the function returned puts it back,
+        or, when the failure came after the step (a second run would step twice), finishes
+        the update and returns its result in a tuple (docs/compile.md)."""
+        seen = self._step_seen
+        assert seen is not None
+        seen[0] = False
         grads = [p.grad for p in params if p.grad is not None]
         saved = [g.detach().clone() for g in grads]
         counts, norm = self._counter.snapshot(), self.last_grad_norm
 
-        def undo() -> None:
+        def undo(exc: BaseException) -> tuple[Tensor | None] | None:
+            if seen[0]:
+                from torch._dynamo.exc import TorchDynamoException  # imported by compiling
+
+                if not isinstance(exc, TorchDynamoException):
+                    raise exc  # the update's own error, after its step: as eagerly
+                return (self._finish_after_step(counts, found, empty),)
             with torch.no_grad():
                 for grad, value in zip(grads, saved):
                     grad.copy_(value)
             self._counter.restore(counts)
             self.last_grad_norm = norm
+            return None
 
         return undo
+
+    def _finish_after_step(
+        self, counts: tuple[Tensor | None, Tensor | None], found: Tensor | None, empty: Tensor | None
+    ) -> Tensor | None:
+        """Count an update whose compiled first call failed after its step, unless it was
+        counted (``exact_skip``'s copies were lost with the call: its step counts as zeroed)."""
+        norm = self.last_grad_norm if self._clip_fn is not None else None
+        if any(now is not then for now, then in zip(self._counter.snapshot(), counts)):
+            return norm  # counted already (by identity: no device read)
+        if found is not None:
+            self._counter.add(SKIPPED, found)
+        elif norm is not None or empty is not None:
+            bad = _bad_update(norm, empty)
+            self._counter.add(SKIPPED if self.policy == FUSED else ZEROED, bad)
+        return norm

@@ -83,9 +83,11 @@ class CompiledUpdate:
     """A function run through ``torch.compile``, or uncompiled once compiling has failed.
 
     The first call compiles (``torch.compile`` is lazy). It is the one that can fail for
-    reasons of the environment; ``restore`` (given by the caller) undoes what a partly run
-    compiled function may have done to its inputs before the failure, so that the update
-    then runs uncompiled, once, and exactly. Later calls run whichever function won.
+    reasons of the environment; the caller's ``undo`` puts back what a partly run compiled
+    function may have done to its inputs before the failure, so that the update then runs
+    uncompiled, once, and exactly -- or, where the failure came after a part that must not
+    run twice (the optimizer's step), finishes the update itself. Later calls run
+    whichever function won.
     """
 
     __slots__ = ("_fn", "_kwargs", "_plain", "_ready", "owner", "reason")
@@ -123,20 +125,25 @@ class CompiledUpdate:
         """Whether calls run the compiled function (False after a fallback)."""
         return self.reason is None
 
-    def first_call(self, save: Callable[[], Callable[[], None]], *args: Any) -> Any:
+    def first_call(
+        self, save: Callable[[], Callable[[BaseException], tuple[Any] | None]], *args: Any
+    ) -> Any:
         """Compile and run; on failure undo (``save()`` returns the undo) and run plain.
 
-        Only when the plain function then succeeds was the failure the compiler's: warn and
-        stay uncompiled. An error of the update itself (a bad ``step_kwargs``) is raised
-        by the plain run, as eagerly, and the next update tries compiling again.
+        ``undo(exc)`` returns None once it has put the inputs back, or ``(result,)`` when
+        the failed call had got too far to run again and the caller finished it (a
+        compiler failure after the optimizer's step: a second run would step twice).
+        Only when the update then succeeds was the failure the compiler's: warn and stay
+        uncompiled. An error of the update itself (a bad ``step_kwargs``) is raised by the
+        plain run (or by ``undo``), as eagerly, and the next update tries compiling again.
         """
         undo = save()
         try:
             self._fn = torch.compile(self._plain, **self._kwargs)
             out = self._fn(*args)
         except Exception as exc:
-            undo()
-            out = self._plain(*args)
+            done = undo(exc)
+            out = self._plain(*args) if done is None else done[0]
             self._give_up(exc)
         self._ready = True
         return out

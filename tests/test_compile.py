@@ -469,6 +469,49 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(backend: Any) -
     _assert_close(eager, compiled)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw-fused"])
+def test_a_compiler_failure_after_the_optimizer_step_does_not_step_twice(optimizer: str) -> None:
+    """A step post-hook with a graph break, and a backend that fails on the graphs compiled
+    once the step has run: the update is finished without running the step again."""
+    def run(compile_step: Any) -> tuple[nn.Module, hwoptim.OptimWrapper, list[int]]:
+        model = _model()
+        wrapper = _wrapper(model, optimizer, compile_step)
+        steps: list[int] = []
+
+        def hook(opt: Any, args: Any, kwargs: Any) -> None:
+            steps.append(1)
+            torch._dynamo.graph_break()
+
+        wrapper.optimizer.register_step_post_hook(hook)
+        box.append(steps)
+        _train(wrapper, model, _batches())
+        return model, wrapper, steps
+
+    box: list[list[int]] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+        if box[-1]:
+            raise RuntimeError("late compiler error")
+        return gm.forward
+
+    eager = run(False)
+    with pytest.warns(RuntimeWarning, match="late compiler error"):
+        compiled = run({"backend": backend})
+    assert not compiled[1]._guard.compiled.compiled
+    assert len(compiled[2]) == len(eager[2]) == STEPS // 2  # one step per update
+    _assert_close(eager[:2], compiled[:2])
+    want, got = _state_tensors(eager[1]), _state_tensors(compiled[1])
+    assert len(got) == len(want) > 0
+    for a, b in zip(want, got):  # momentum / moments and step counts advanced once per update
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def _state_tensors(wrapper: hwoptim.OptimWrapper) -> list[torch.Tensor]:
+    """The optimizer's state tensors (momentum, moments, step counts), in order."""
+    state = wrapper.optimizer.state_dict()["state"]
+    return [v for i in sorted(state) for _, v in sorted(state[i].items()) if isinstance(v, torch.Tensor)]
+
+
 def test_an_error_of_the_update_itself_is_raised_and_compiling_is_not_given_up() -> None:
     model = _model()
     wrapper = _wrapper(model, "adamw-foreach", EAGER_BACKEND, acc=1)
