@@ -51,14 +51,15 @@ class ModelBinding:
         #: the bound model and its class (None: none yet)
         self.model: Any = None
         self.model_type: type | None = None
-        self._pending: AbstractContextManager[Any] | None = None
+        #: the sync skip entered by a forward, waiting for its backward (None: none)
+        self.pending: AbstractContextManager[Any] | None = None
         self._skips_sync = False
         self._params: list[Tensor] = []
         self._n_groups = self._n_params = -1
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("model", "model_type", "_pending", "_params"):
+        for key in ("model", "model_type", "pending", "_params"):
             del state[key]
         return state
 
@@ -80,21 +81,16 @@ class ModelBinding:
 
     def enter(self, model: Any, window: AccumulationWindow) -> None:
         """Start a micro-batch's forward: skip the sync unless it ends a window."""
-        if self._pending is not None:  # a forward whose backward never ran
+        if self.pending is not None:  # a forward whose backward never ran
             self.release()
         if self._skips_sync and not window.should_sync():
             context = self._no_sync(model)
             context.__enter__()
-            self._pending = context
-
-    @property
-    def skipping(self) -> bool:
-        """Whether a sync skip is entered and waits for its backward."""
-        return self._pending is not None
+            self.pending = context
 
     def release(self) -> None:
         """End the pending sync skip (after the backward, or after an exception)."""
-        context, self._pending = self._pending, None
+        context, self.pending = self.pending, None
         if context is not None:
             context.__exit__(None, None, None)
 

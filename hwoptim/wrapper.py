@@ -240,7 +240,7 @@ class OptimWrapper:
                 items.add(loss, count)  # only once its gradients are there
         finally:
             binding = self._binding
-            if binding.skipping:
+            if binding.pending is not None:
                 binding.release()
         self._window.inner += 1
 

@@ -675,7 +675,7 @@ def test_an_exception_in_the_block_restores_sync():
     with pytest.raises(KeyError), wrapper.optim_context(model):
         assert model.syncing is False
         raise KeyError("boom")
-    assert model.syncing is True and not wrapper._binding.skipping
+    assert model.syncing is True and wrapper._binding.pending is None
 
 
 def test_a_forward_without_backward_does_not_leak_the_skip():
@@ -988,9 +988,9 @@ def test_a_copy_taken_between_a_forward_and_its_backward_leaves_the_skip_with_th
     wrapper.initialize_count_status(model, 0, 4)
     with wrapper.optim_context(model):
         loss = model(torch.ones(1, 2)).sum()
-    assert model.syncing is False and wrapper._binding.skipping  # a generator context
+    assert model.syncing is False and wrapper._binding.pending is not None  # a generator context
     model2, wrapper2 = copied((model, wrapper), how)
-    assert not wrapper2._binding.skipping and wrapper2._binding.model is None
+    assert wrapper2._binding.pending is None and wrapper2._binding.model is None
     wrapper.update_params(loss)
     assert model.backward_sync == [False] and model.syncing is True
     model2.syncing = True  # the copied module's own flag was copied mid-skip
