@@ -129,9 +129,9 @@ def test_an_optimizer_built_before_model_to_is_refused(device):
     wrapper = AmpOptimWrapper(torch.optim.AdamW(model.parameters(), fused=True), device="auto",
                               dtype="bfloat16", clip_grad=dict(max_norm=1.0))
     model.to(wrapper.device)
-    with pytest.raises(RuntimeError, match="Move the model to the device before building the optimizer"):
+    with pytest.raises(RuntimeError, match="move the model to the device before building the optimizer"):
         wrapper.initialize_count_status(model, 0, 3)
-    with pytest.raises(RuntimeError, match="Move the model to the device before building the optimizer"):
+    with pytest.raises(RuntimeError, match="move the model to the device before building the optimizer"):
         with wrapper.optim_context(model):
             pass
 
