@@ -190,6 +190,7 @@ def get_backend(spec: DeviceSpec = "auto") -> Backend:
 
 
 def _parse(text: str) -> tuple[str, int | None]:
+    """(name, index) from 'name' or 'name:index', the name lower-cased."""
     name, sep, idx = text.partition(":")
     if not name:
         raise ValueError(f"device {text!r} has no backend name before ':'")
@@ -201,6 +202,7 @@ def _parse(text: str) -> tuple[str, int | None]:
 
 
 def _resolve(name: str, index: int | None) -> Backend:
+    """The available backend ``name`` (or device type), on device ``index``, or a clear error."""
     with _lock:
         _ensure_loaded()
         cls = _registry.get(name) or _by_device_type(name)
@@ -227,6 +229,7 @@ def _resolve(name: str, index: int | None) -> Backend:
 
 
 def _auto() -> Backend:
+    """The backend device="auto" stands for (see get_backend)."""
     override = _override
     forced = None if override is None else override.auto_backend()
     if forced is not None:
@@ -280,6 +283,7 @@ def is_available(backend: Backend) -> bool:
 
 
 def _report_broken(cls: type[Backend], what: str, exc: BaseException) -> None:
+    """Leave ``cls`` out for good, and say so once, because its ``what`` raised ``exc``."""
     with _lock:
         if cls in _broken:
             return
@@ -355,15 +359,18 @@ def _warn_at_user(message: str) -> None:
 
 
 def _names() -> str:
+    """The registered names, for error messages."""
     return ", ".join(repr(n) for n in sorted(_registry)) or "(none)"
 
 
 def _ensure_loaded() -> None:
+    """Register the built-ins and the plugins, once."""
     _ensure_builtins()
     _ensure_plugins()
 
 
 def _ensure_builtins() -> None:
+    """Register hwoptim's own backends, once."""
     global _builtins_loaded
     if _builtins_loaded:
         return
@@ -381,6 +388,7 @@ def _ensure_builtins() -> None:
 
 
 def _ensure_plugins() -> None:
+    """Register the backends of the ``hwoptim.backends`` entry points, once; report the broken ones."""
     global _plugins_loaded
     if _plugins_loaded:
         return

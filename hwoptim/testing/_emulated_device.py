@@ -84,12 +84,9 @@ def register(device_type: str, device_count: int) -> DeviceModule:
 
 
 def _allocate_storages_through_empty(device_type: str) -> None:
-    """``torch.UntypedStorage(n, device=<emulated>)`` allocates through ``torch.empty``.
-
-    torch's own constructor asks the C++ allocator of PrivateUse1, which a Python backend
-    does not have (a segfault). ``torch.load`` onto the device and ``storage.to(device)``
-    take that path.
-    """
+    """Make ``torch.UntypedStorage(n, device=<emulated>)`` allocate through ``torch.empty``."""
+    # torch's own constructor asks PrivateUse1's C++ allocator, which a Python backend lacks
+    # (a segfault); torch.load onto the device and storage.to(device) take that path.
     storage_class = torch.UntypedStorage
     original = storage_class.__new__
 
@@ -110,15 +107,12 @@ def _allocate_storages_through_empty(device_type: str) -> None:
 
 
 def _run_backward_on_the_calling_thread() -> None:
-    """Run every backward on the thread that calls it, as the engine does for CPU graphs.
-
-    The engine gives each device index a worker thread and ready queue, sized by the device
-    guards' ``deviceCount()`` when it starts; torch's Python device guard for PrivateUse1
-    always reports 1, so a backward on device 1 would fail on an internal assert. With
-    multithreading disabled (as torch's own compiled autograd does) the engine uses the
-    caller's CPU queue for every device. ``torch.autograd.backward``, ``torch.autograd.grad``
-    and ``Tensor.backward`` all reach the engine through ``_engine_run_backward``.
-    """
+    """Run every backward on the thread that calls it, as torch's engine does for CPU graphs."""
+    # The engine gives each device index a worker queue, as many as the device guards'
+    # deviceCount() when it starts, and torch's Python guard for PrivateUse1 reports 1: a
+    # backward on device 1 would hit an internal assert. Without multithreading (as torch's
+    # compiled autograd runs) the engine uses the caller's queue for every device. backward,
+    # autograd.grad and Tensor.backward all reach the engine through _engine_run_backward.
     graph: Any = torch.autograd.graph
     original = graph._engine_run_backward
 
@@ -174,6 +168,7 @@ class DeviceModule:
         return True
 
     def _is_in_bad_fork(self) -> bool:
+        """Never: the emulated device keeps no driver state that a fork could break."""
         return False
 
     def device_count(self) -> int:

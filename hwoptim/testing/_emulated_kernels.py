@@ -145,12 +145,10 @@ class _Fallback:
         self, plan: _Plan, args: tuple[Any, ...], kwargs: dict[str, Any], cpu_args: tuple[Any, ...],
         cpu_kwargs: dict[str, Any],
     ) -> tuple[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Give each device ``out=`` an empty CPU tensor; returns the arguments and (out, CPU) pairs.
-
-        The CPU kernel may resize its output, which memory borrowed through DLPack cannot do
-        (and it warns when resizing a non-empty one: mse_loss.out resizes a 0-dim out on its
-        way); the caller copies or adopts the results afterwards. ``cpu_kwargs`` is updated.
-        """
+        """Give each device ``out=`` an empty CPU tensor; returns the arguments and (out, CPU) pairs."""
+        # The CPU kernel may resize its output, which memory borrowed through DLPack cannot
+        # do (and it warns when resizing a non-empty one: mse_loss.out resizes a 0-dim out on
+        # its way); the caller copies or adopts the results afterwards.
         adopt: list[tuple[torch.Tensor, torch.Tensor]] = []
         for position, name in plan.outs:
             given = _argument(args, kwargs, position, name)

@@ -379,6 +379,7 @@ class VendorMock:
                     registry._set_override(None)
 
     def _undo_all(self) -> None:
+        """Undo every change, newest first, then report what could not be undone."""
         undo, self._undo = self._undo, []
         errors = []
         for step in reversed(undo):
@@ -464,6 +465,7 @@ class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def _recording_method(mock: VendorMock, label: str, method: str) -> Callable[..., Any]:
+    """GradScaler's ``method``, recording each call in ``mock.calls`` as ``label``."""
     original = getattr(torch.amp.GradScaler, method)
 
     @functools.wraps(original)
@@ -475,6 +477,7 @@ def _recording_method(mock: VendorMock, label: str, method: str) -> Callable[...
 
 
 def _find_stand_in(name: str) -> tuple[StandIn, str]:
+    """The stand-in registered for ``name`` and its backend's name, or a ValueError listing them."""
     with _lock:
         if name not in _stand_ins:
             _load_stand_ins()
@@ -490,8 +493,7 @@ def _find_stand_in(name: str) -> tuple[StandIn, str]:
 
 
 def _load_stand_ins() -> None:
-    """Register, once, the stand-ins plugins declare as entry points. (The built-in ones
-    registered themselves when hwoptim.testing was imported.)"""
+    """Register, once, the stand-ins plugins declare as entry points (the built-in ones register on import)."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
