@@ -25,10 +25,11 @@ def environment_report() -> dict[str, Any]:
     """Everything ``env`` prints, as plain data."""
     import hwoptim
     from hwoptim.backends import registry
+    from hwoptim.backends.generic import generic_backend_for
 
     classes = [(c, registry.backend_origin(n)) for n, c in registry.list_backends().items()]
-    accelerator = registry._current_accelerator()
-    generic = None if accelerator is None else registry._generic_for(accelerator)
+    accelerator = registry.current_accelerator()
+    generic = None if accelerator is None else generic_backend_for(accelerator)
     if generic is not None:  # torch's accelerator, which no backend claims
         classes.insert(0, (generic, "generic (torch.accelerator)"))
     backends = []

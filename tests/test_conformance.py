@@ -7,7 +7,7 @@ import pytest
 
 from hwoptim.backends.base import Backend
 from hwoptim.backends.generic import GenericBackend, generic_backend_for
-from hwoptim.backends.registry import _current_accelerator, get_backend
+from hwoptim.backends.registry import current_accelerator, get_backend
 from hwoptim.testing.conformance import BackendConformance
 
 
@@ -39,7 +39,7 @@ class TestGenericConformance(BackendConformance):
     hardware_marker = ""
 
     def real_backend(self) -> Backend:
-        accelerator = _current_accelerator()
+        accelerator = current_accelerator()
         if accelerator is None or generic_backend_for(accelerator) is None:
             pytest.skip(f"torch's current accelerator ({accelerator}) is absent or claimed")
         backend = get_backend(accelerator)

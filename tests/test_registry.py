@@ -3,14 +3,17 @@ plugins (a broken one warns and breaks nothing), overrides and unavailable messa
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
+import hwoptim
 from hwoptim import Backend, get_backend, list_backends, register_backend
 from hwoptim.backends import registry
 from hwoptim.backends.cpu import CpuBackend
@@ -281,3 +284,99 @@ def test_every_lookup_ignores_case(fresh_registry: None, monkeypatch: pytest.Mon
         assert mock.name == "npu" and get_backend("auto").name == "npu"
     assert unregister_backend("MyDev") is MyDev
     assert "mydev" not in list_backends()
+
+
+# -- the seam for test tools ---------------------------------------------------------------
+
+
+class _MetaBackend(Backend):
+    """An always available backend whose tensors would go to the meta device."""
+
+    name = "metadev"
+    device_type = "meta"
+    priority = 1000
+
+    def is_available(self) -> bool:
+        return True
+
+    def device_count(self) -> int:
+        return 1
+
+    def current_device(self) -> int:
+        return 0
+
+
+class _Override:
+    """An Override that makes "auto" resolve cpu and keeps metadev's tensors on the CPU."""
+
+    def auto_backend(self) -> str | None:
+        return "cpu"
+
+    def keeps_on_cpu(self, name: str) -> bool:
+        return name == "metadev"
+
+
+def test_an_override_chooses_auto_and_the_placement_until_it_is_cleared() -> None:
+    register_backend(_MetaBackend)
+    try:
+        assert get_backend("auto").name == "metadev"
+        assert get_backend("metadev").device().type == "meta"
+        registry._set_override(_Override())
+        try:
+            assert get_backend("auto").name == "cpu"
+            assert get_backend("metadev").device() == torch.device("cpu")
+        finally:
+            registry._set_override(None)
+        assert get_backend("auto").name == "metadev"
+        assert get_backend("metadev").device().type == "meta"
+    finally:
+        unregister_backend("metadev")
+
+
+def _private_registry_names_used(path: Path) -> set[str]:
+    """The registry's private names that the module at ``path`` reads."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "registry":
+            if node.attr.startswith("_"):
+                used.add(node.attr)
+        elif isinstance(node, ast.ImportFrom) and node.module == "hwoptim.backends.registry":
+            used.update(alias.name for alias in node.names if alias.name.startswith("_"))
+    return used
+
+
+def test_only_the_mocks_reach_into_the_registry_and_only_through_its_seam() -> None:
+    package = Path(hwoptim.__file__).parent
+    users = {
+        str(path.relative_to(package)): names
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "registry.py" and (names := _private_registry_names_used(path))
+    }
+    assert users == {"testing/mock.py": {"_set_override"}}
+
+
+# -- the surface: wrong types, wrong values, warnings at the user's line ----------------------
+
+
+def test_a_name_that_is_no_str_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="unregister_backend takes a backend name such as 'npu'; got int"):
+        unregister_backend(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="backend_origin takes a backend name such as 'npu'; got NoneType"):
+        backend_origin(None)  # type: ignore[arg-type]
+
+
+def test_a_nan_priority_is_a_value_error(fresh_registry: None) -> None:
+    class NanPriority(CpuBackend):
+        name = "nanprio"
+        priority = float("nan")
+
+    with pytest.raises(ValueError, match=r"NanPriority\.priority is NaN"):
+        register_backend(NanPriority)
+
+
+def test_plugin_warnings_point_at_the_users_line(misbehaving_plugins: None) -> None:
+    with pytest.warns(RuntimeWarning) as caught:
+        hwoptim.AmpOptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), device="auto")
+    assert len(caught) >= 3  # the failed load, the raising is_available, the failing __init__
+    assert {Path(w.filename).name for w in caught} == {Path(__file__).name}

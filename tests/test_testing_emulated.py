@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hwoptim.testing import emulated
+from hwoptim.testing import _emulated_device, emulated
 
 
 def _torch_lacks() -> str | None:
     """Why this torch cannot run the emulated device (older than CI's), or None."""
     try:
-        emulated._check_torch()
+        _emulated_device.check_torch()
     except RuntimeError as exc:
         return str(exc)
     return None
@@ -37,7 +37,7 @@ def _never_installed_here():
 
 
 def test_a_torch_without_the_apis_is_refused_with_what_is_missing(monkeypatch):
-    monkeypatch.setattr(emulated, "_REQUIRED_APIS", (*emulated._REQUIRED_APIS, "_C._no_such_api"))
+    monkeypatch.setattr(_emulated_device, "REQUIRED_APIS", (*_emulated_device.REQUIRED_APIS, "_C._no_such_api"))
     with pytest.raises(RuntimeError, match=r"registers PrivateUse1 backends from Python; this is torch "
                        rf"{re.escape(torch.__version__)}, which lacks .*torch\._C\._no_such_api.*mock_backend"):
         emulated.install("emu")
@@ -55,6 +55,19 @@ def test_bad_arguments_are_refused_before_anything_changes(name, count, error):
         emulated.install(name, count)
 
 
+def test_a_device_type_that_is_no_str_is_a_type_error():
+    with pytest.raises(TypeError, match="device_type must be a str such as 'emu' or 'npu'; got int"):
+        emulated.install(3)  # type: ignore[arg-type]
+
+
+@needs_emulated_apis
+def test_the_runner_reports_a_refused_device_as_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        emulated.main(["--device", "cuda", "--", "train.py"])
+    assert exit_info.value.code == 2
+    assert "device_type 'cuda' is a device type torch already has; pick another name" in capsys.readouterr().err
+
+
 def test_device_count_may_be_any_integer_type(monkeypatch):
     np = pytest.importorskip("numpy")
 
@@ -64,7 +77,7 @@ def test_device_count_may_be_any_integer_type(monkeypatch):
     def stop() -> None:
         raise Reached
 
-    monkeypatch.setattr(emulated, "_check_torch", stop)  # past the argument checks: stop there
+    monkeypatch.setattr(_emulated_device, "check_torch", stop)  # past the argument checks: stop there
     with pytest.raises(Reached):
         emulated.install("emu", np.int64(2))
     with pytest.raises(ValueError, match="device_count must be an int >= 1"):
@@ -89,7 +102,7 @@ SCRIPT = """
     import sys, torch
     import helper_next_to_the_script  # found as with `python train.py`
     from hwoptim import get_backend
-    from hwoptim.testing import emulated
+    from hwoptim.testing import _emulated_device, emulated
 
     print("args", sys.argv[1:])
     print("auto", get_backend("auto").device(), torch.ones(2, device="npu:1").device)

@@ -38,8 +38,8 @@ def torch_state() -> dict[str, Any]:
         "torch.version": {k: torch.version.__dict__.get(k) for k in ("cann", "xpu")},
         "vendor modules": sorted(m for m in sys.modules if m.split(".")[0] == "torch_npu"),
         "meta_path": list(sys.meta_path),
-        "mocked": set(registry._mocked),
-        "auto override": list(registry._auto_override),
+        "active mocks": active_mocks(),
+        "auto": get_backend("auto").name,
     }
 
 
@@ -225,7 +225,7 @@ def test_a_mock_cannot_start_while_another_thread_holds_one() -> None:
         release.set()
         thread.join(timeout=30)
     assert errors == [] and seen == ["npu"]
-    assert active_mocks() == [] and "npu" not in registry._mocked
+    assert active_mocks() == []
     assert get_backend("auto").name == "cpu" and not hasattr(torch, "npu")
     assert getattr(sys.modules.get("torch_npu"), "__version__", None) != MOCK_VERSION
     with mock_backend("cuda"):  # and the next mock, on any thread, starts normally
@@ -270,7 +270,7 @@ def test_a_failing_stand_in_undoes_what_it_did(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(OSError, match="vendor library missing"), mock_backend("half"):
         pass  # pragma: no cover
     assert not hasattr(torch, "half_done")
-    assert "half" not in registry._mocked and active_mocks() == []
+    assert active_mocks() == [] and get_backend("auto").name == "cpu"
 
 
 class ToyBackend(Backend):
@@ -352,3 +352,9 @@ def test_a_stand_in_name_get_backend_could_not_find_is_refused() -> None:
     with pytest.raises(ValueError, match="has capitals"):
         register_stand_in("mydev", lambda mock: None, backend="MyDev")
     assert "mydev" not in stand_in_names()
+
+
+def test_a_name_that_is_no_str_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="mock_backend takes a backend name such as 'npu'; got int"):
+        mock_backend(3)  # type: ignore[arg-type]
+    assert active_mocks() == []

@@ -15,7 +15,7 @@ import torch
 
 from hwoptim.backends import registry
 from hwoptim.backends.base import Backend
-from hwoptim.backends.registry import _current_accelerator, list_backends
+from hwoptim.backends.registry import current_accelerator, list_backends
 
 
 class GenericBackend(Backend):
@@ -27,10 +27,10 @@ class GenericBackend(Backend):
     priority = -1
 
     def is_available(self) -> bool:
-        return _current_accelerator() == self.device_type and _accelerator_available()
+        return current_accelerator() == self.device_type and _accelerator_available()
 
     def unavailable_reason(self) -> str:
-        current = _current_accelerator() or "none"
+        current = current_accelerator() or "none"
         return (
             f"torch reports no usable {self.device_type!r} accelerator (its current "
             f"accelerator is {current}); install the torch extension for this device"
@@ -124,7 +124,7 @@ def _is_accelerator_type(device_type: str) -> bool:
         torch.device(device_type)
     except (RuntimeError, ValueError):
         return False
-    if device_type in (_current_accelerator(), torch._C._get_privateuse1_backend_name()):
+    if device_type in (current_accelerator(), torch._C._get_privateuse1_backend_name()):
         return True
     return callable(getattr(getattr(torch, device_type, None), "is_available", None))
 

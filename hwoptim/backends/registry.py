@@ -9,20 +9,40 @@ left out; it never breaks the others, nor ``device="auto"``.
 Names are lower case, and every lookup (``get_backend``, ``HWOPTIM_DEVICE``,
 ``unregister_backend``, ``backend_origin``, ``mock_backend``) is case-insensitive: a
 name with capitals could be listed but never found, so registering one is refused.
+
+Test tools change what the registry hands out through one seam, an ``_Override`` set with
+``_set_override``: hwoptim.testing's ``mock_backend`` is its only user.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 import warnings
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import torch
 
+from hwoptim._entry_points import entry_points
 from hwoptim._numbers import as_float
 from hwoptim.backends.base import Backend
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ENV_VAR",
+    "DeviceSpec",
+    "backend_origin",
+    "check_name",
+    "current_accelerator",
+    "get_backend",
+    "is_available",
+    "list_backends",
+    "plugin_errors",
+    "register_backend",
+    "unregister_backend",
+]
 
 ENTRY_POINT_GROUP = "hwoptim.backends"
 ENV_VAR = "HWOPTIM_DEVICE"
@@ -39,10 +59,30 @@ _plugins_loaded = False
 _plugin_errors: list[tuple[str, str]] = []
 #: backend classes whose own code raised where it must not, with why (see is_available)
 _broken: dict[type[Backend], str] = {}
-#: set by hwoptim.testing.mock_backend: the backend name "auto" must return (a stack)
-_auto_override: list[str] = []
-#: set by hwoptim.testing.mock_backend: backends whose tensors stay on the CPU
-_mocked: set[str] = set()
+
+
+class _Override(Protocol):
+    """What a test tool may change in the registry's answers (the contract of ``_set_override``).
+
+    The registry asks it, without holding its lock, and nothing else: its methods must be
+    cheap and must not raise.
+    """
+
+    def auto_backend(self) -> str | None:
+        """The backend name ``device="auto"`` must resolve, or None to choose as usual."""
+
+    def keeps_on_cpu(self, name: str) -> bool:
+        """Whether backend ``name``'s tensors stay on the CPU (its vendor APIs are faked)."""
+
+
+#: the one seam for test tools: see _Override
+_override: _Override | None = None
+
+
+def _set_override(override: _Override | None) -> None:
+    """Set (or, with None, clear) the test tool's _Override; for hwoptim.testing only."""
+    global _override
+    _override = override
 
 
 def register_backend(
@@ -61,11 +101,13 @@ def register_backend(
     if not isinstance(cls.device_type, str):
         raise TypeError(f"{cls.__name__}.device_type must be a str; got {cls.device_type!r}")
     priority = as_float(cls.priority)
-    if priority is None or math.isnan(priority):
+    if priority is None:
         raise TypeError(
             f"{cls.__name__}.priority must be a number (higher is tried first by "
             f"device='auto'); got {cls.priority!r}"
         )
+    if math.isnan(priority):
+        raise ValueError(f"{cls.__name__}.priority is NaN, which no order can place; give a number")
     with _lock:
         _ensure_builtins()
         existing = _registry.get(cls.name)
@@ -82,7 +124,9 @@ def register_backend(
 
 def unregister_backend(name: str) -> type[Backend]:
     """Remove a backend by name and return it (built-ins come back with ``override``)."""
-    key = name.lower() if isinstance(name, str) else name
+    if not isinstance(name, str):
+        raise TypeError(f"unregister_backend takes a backend name such as 'npu'; got {type(name).__name__}")
+    key = name.lower()
     with _lock:
         _ensure_builtins()
         if key not in _registry:
@@ -101,6 +145,8 @@ def list_backends() -> dict[str, type[Backend]]:
 
 def backend_origin(name: str) -> str:
     """Where backend ``name`` came from: "built-in", the plugin's distribution, or "user"."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend_origin takes a backend name such as 'npu'; got {type(name).__name__}")
     with _lock:
         _ensure_loaded()
         return _origins.get(name.lower(), "unknown")
@@ -144,6 +190,7 @@ def get_backend(spec: DeviceSpec = "auto") -> Backend:
 
 
 def _parse(text: str) -> tuple[str, int | None]:
+    """(name, index) from 'name' or 'name:index', the name lower-cased."""
     name, sep, idx = text.partition(":")
     if not name:
         raise ValueError(f"device {text!r} has no backend name before ':'")
@@ -155,6 +202,7 @@ def _parse(text: str) -> tuple[str, int | None]:
 
 
 def _resolve(name: str, index: int | None) -> Backend:
+    """The available backend ``name`` (or device type), on device ``index``, or a clear error."""
     with _lock:
         _ensure_loaded()
         cls = _registry.get(name) or _by_device_type(name)
@@ -165,7 +213,7 @@ def _resolve(name: str, index: int | None) -> Backend:
         backend = generic(index)
     else:
         backend = cls(index)
-    _apply_mock(backend)
+    _apply_override(backend)
     if not is_available(backend):
         broken = _broken.get(type(backend))
         reason = broken if broken is not None else backend.unavailable_reason()
@@ -181,17 +229,18 @@ def _resolve(name: str, index: int | None) -> Backend:
 
 
 def _auto() -> Backend:
-    with _lock:
-        override = _auto_override[-1] if _auto_override else None
-    if override is not None:
-        return _resolve(override, None)
+    """The backend device="auto" stands for (see get_backend)."""
+    override = _override
+    forced = None if override is None else override.auto_backend()
+    if forced is not None:
+        return _resolve(forced, None)
     env = os.environ.get(ENV_VAR, "").strip()
     if env and env.lower() != "auto":
         try:
             return get_backend(env)
         except (ValueError, RuntimeError) as exc:
             raise type(exc)(f"{ENV_VAR}={env!r}: {exc}") from exc
-    accelerator = _current_accelerator()
+    accelerator = current_accelerator()
     if accelerator is not None:
         with _lock:
             _ensure_loaded()
@@ -202,7 +251,7 @@ def _auto() -> Backend:
             generic = _generic_for(accelerator)
             backend = generic() if generic is not None else None
         if backend is not None:
-            _apply_mock(backend)
+            _apply_override(backend)
             if is_available(backend):
                 return backend
     for cls in list_backends().values():
@@ -213,7 +262,7 @@ def _auto() -> Backend:
         except Exception as exc:  # a plugin's __init__ is its own code too
             _report_broken(cls, "__init__()", exc)
             continue
-        _apply_mock(backend)
+        _apply_override(backend)
         if is_available(backend):
             return backend
     return _resolve("cpu", None)
@@ -234,6 +283,7 @@ def is_available(backend: Backend) -> bool:
 
 
 def _report_broken(cls: type[Backend], what: str, exc: BaseException) -> None:
+    """Leave ``cls`` out for good, and say so once, because its ``what`` raised ``exc``."""
     with _lock:
         if cls in _broken:
             return
@@ -243,12 +293,7 @@ def _report_broken(cls: type[Backend], what: str, exc: BaseException) -> None:
         )
         _broken[cls] = f"its {what} raised ({error}); it is left out"
         _plugin_errors.append((cls.name, f"{what} raised {error}"))
-    warnings.warn(
-        f"hwoptim backend {cls.name!r} ({origin}): {what} raised and the backend is left "
-        f"out: {error}",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    _warn_at_user(f"hwoptim backend {cls.name!r} ({origin}): {what} raised and the backend is left out: {error}")
 
 
 def check_name(name: Any, what: str) -> str:
@@ -268,7 +313,8 @@ def check_name(name: Any, what: str) -> str:
     return name
 
 
-def _current_accelerator() -> str | None:
+def current_accelerator() -> str | None:
+    """The device type of torch's current accelerator ("cuda", a PrivateUse1 name...), or None."""
     accelerator_mod = getattr(torch, "accelerator", None)
     if accelerator_mod is None:
         return None
@@ -295,22 +341,39 @@ def _generic_for(device_type: str) -> type[Backend] | None:
     return None if _generic_factory is None else _generic_factory(device_type)
 
 
-def _apply_mock(backend: Backend) -> None:
-    """Let hwoptim.testing.mock_backend keep a mocked backend's tensors on the CPU."""
-    if backend.name in _mocked:
+def _apply_override(backend: Backend) -> None:
+    """Keep ``backend``'s tensors on the CPU where the test tool's _Override says so."""
+    override = _override
+    if override is not None and override.keeps_on_cpu(backend.name):
         backend._placement = "cpu"
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _warn_at_user(message: str) -> None:
+    """Warn (RuntimeWarning) at the first caller outside hwoptim: the user's line, however deep the lookup."""
+    frame = sys._getframe(1)
+    level = 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
 def _names() -> str:
+    """The registered names, for error messages."""
     return ", ".join(repr(n) for n in sorted(_registry)) or "(none)"
 
 
 def _ensure_loaded() -> None:
+    """Register the built-ins and the plugins, once."""
     _ensure_builtins()
     _ensure_plugins()
 
 
 def _ensure_builtins() -> None:
+    """Register hwoptim's own backends, once."""
     global _builtins_loaded
     if _builtins_loaded:
         return
@@ -327,22 +390,13 @@ def _ensure_builtins() -> None:
         _origins.setdefault(cls.name, "built-in")
 
 
-def _entry_points(group: str) -> list[Any]:
-    """The installed entry points of ``group`` (hwoptim.testing reads its own group too)."""
-    from importlib.metadata import entry_points
-
-    try:
-        return list(entry_points(group=group))
-    except TypeError:  # Python 3.9's entry_points() takes no group
-        return list(entry_points().get(group, []))
-
-
 def _ensure_plugins() -> None:
+    """Register the backends of the ``hwoptim.backends`` entry points, once; report the broken ones."""
     global _plugins_loaded
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    for ep in _entry_points(ENTRY_POINT_GROUP):
+    for ep in entry_points(ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
         origin = f"{dist.name} {dist.version}" if dist is not None else ep.value
         try:
@@ -357,12 +411,7 @@ def _ensure_plugins() -> None:
         except (Exception, SystemExit) as exc:  # a vendor import may even call sys.exit()
             message = f"{type(exc).__name__}: {exc}"
             _plugin_errors.append((ep.name, message))
-            warnings.warn(
-                f"hwoptim backend plugin {ep.name!r} ({origin}) failed to load and is "
-                f"skipped: {message}",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            _warn_at_user(f"hwoptim backend plugin {ep.name!r} ({origin}) failed to load and is skipped: {message}")
 
 
 def _reset_for_tests() -> None:

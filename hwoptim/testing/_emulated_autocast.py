@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+__all__ = ["install"]
+
 #: the policy of each op list in autocast_mode.h
 _POLICIES = (
     ("AT_FORALL_LOWER_PRECISION_FP", "lower"),
@@ -38,12 +40,10 @@ _FALLBACK_LISTS = {
     "promote": ["addcdiv", "addcmul", "dot", "index_put", "scatter_add"],
 }
 
-#: libraries must outlive the process's use of them
-_libraries: list[Any] = []
 _library: Any = torch.library  # untyped in torch
 
 
-def op_lists() -> dict[str, list[str]]:
+def _op_lists() -> dict[str, list[str]]:
     """{policy: ["op" or "op.overload", ...]} from the installed torch's autocast_mode.h."""
     header = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "autocast_mode.h")
     try:
@@ -64,25 +64,21 @@ def op_lists() -> dict[str, list[str]]:
     return lists
 
 
-def install(device_type: str) -> dict[str, list[str]]:
-    """Register the AutocastPrivateUse1 kernels; returns the ops registered per policy."""
+def install(device_type: str) -> list[Any]:
+    """Register the AutocastPrivateUse1 kernels; returns the libraries, which must be kept alive."""
     fallthrough = _library.Library("_", "IMPL")  # ops in no list run untouched
     fallthrough.fallback(_library.fallthrough_kernel, "AutocastPrivateUse1")
     lib = _library.Library("aten", "IMPL")
-    _libraries.extend([fallthrough, lib])
-    registered: dict[str, list[str]] = {}
-    for policy, ops in op_lists().items():
-        done = registered.setdefault(policy, [])
+    for policy, ops in _op_lists().items():
         for qualified in ops:
             op = _overload(qualified)
-            if op is None:  # listed for a torch build that has it; this one does not
-                continue
-            lib.impl(qualified, _kernel(op, policy, device_type), "AutocastPrivateUse1")
-            done.append(qualified)
-    return registered
+            if op is not None:  # else listed for a torch build that has it; this one does not
+                lib.impl(qualified, _kernel(op, policy, device_type), "AutocastPrivateUse1")
+    return [fallthrough, lib]
 
 
 def _overload(qualified: str) -> Any:
+    """The aten overload named ``qualified`` ("op" or "op.overload"), or None if this torch lacks it."""
     name, _, overload = qualified.partition(".")
     packet = getattr(torch.ops.aten, name, None)
     if packet is None:

@@ -26,9 +26,22 @@ from typing import Any, Callable, NamedTuple, overload
 
 import torch
 
+from hwoptim._entry_points import entry_points
 from hwoptim._numbers import as_int, check_int
 from hwoptim.backends import registry
 from hwoptim.backends.base import Backend
+
+__all__ = [
+    "STAND_IN_GROUP",
+    "OnImport",
+    "StandIn",
+    "VendorCall",
+    "VendorMock",
+    "active_mocks",
+    "mock_backend",
+    "register_stand_in",
+    "stand_in_names",
+]
 
 STAND_IN_GROUP = "hwoptim.stand_ins"
 
@@ -42,7 +55,7 @@ _lock = threading.RLock()
 #: stand-in name -> (install function, name of the backend "auto" must pick)
 _stand_ins: dict[str, tuple[StandIn, str]] = {}
 _entry_points_loaded = False
-#: the mocks now active, innermost last
+#: the mocks now active, innermost last: what the registry's _Override answers from
 _active: list[VendorMock] = []
 
 
@@ -119,9 +132,10 @@ def mock_backend(name: str, *, device_count: int = 1, select: bool = True) -> Ve
             wrapper = AmpOptimWrapper(optimizer, device="auto")   # the npu backend
             assert "torch_npu.npu.amp.GradScaler" in mock.call_names()
     """
+    if not isinstance(name, str):
+        raise TypeError(f"mock_backend takes a backend name such as 'npu'; got {type(name).__name__}")
     device_count = check_int(device_count, "device_count", 1)
-    if isinstance(name, str):
-        name = name.strip().lower()  # names are matched case-insensitively, as get_backend does
+    name = name.strip().lower()  # names are matched case-insensitively, as get_backend does
     install, backend_name = _find_stand_in(name)
     return VendorMock(name, backend_name, install, device_count=device_count, select=select)
 
@@ -321,7 +335,7 @@ class VendorMock:
         # device modules while doing so: let it do that against the real ones, not the fakes.
         import torch._dynamo  # noqa: F401
 
-        with registry._lock:
+        with _lock:
             thread = threading.current_thread()
             for other in _active:
                 if other._thread is not None and other._thread is not thread:
@@ -329,11 +343,9 @@ class VendorMock:
                     raise RuntimeError(
                         f"mock_backend({self.name!r}) cannot start on thread {thread.name!r} "
                         f"while mock_backend({other.name!r}) is active on thread "
-                        f"{other._thread.name!r}{ended}: a mock changes process-wide state "
-                        "(torch's device modules, sys.modules, what device='auto' picks), so "
-                        "mocks nest on one thread only, where they end in reverse order. "
-                        "Start them on one thread (threads started inside a mock see it), "
-                        "or end the other mock first"
+                        f"{other._thread.name!r}{ended}, because mocks change process-wide state "
+                        "and nest on one thread only: start them on one thread (threads started "
+                        "inside a mock see it) or end the other mock first"
                     )
                 if other.name == self.name or other.backend_name == self.backend_name:
                     raise RuntimeError(
@@ -345,16 +357,14 @@ class VendorMock:
             except BaseException:
                 self._undo_all()
                 raise
-            registry._mocked.add(self.backend_name)
-            if self.select:
-                registry._auto_override.append(self.backend_name)
             _active.append(self)
             self._thread = thread
             self._state = "active"
+            registry._set_override(_MOCKS)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        with registry._lock:
+        with _lock:
             if not _active or _active[-1] is not self:
                 raise RuntimeError(
                     f"mock_backend({self.name!r}) must end before the mocks started after it "
@@ -365,11 +375,11 @@ class VendorMock:
             try:
                 self._undo_all()
             finally:
-                registry._mocked.discard(self.backend_name)
-                if self.select:
-                    registry._auto_override.remove(self.backend_name)
+                if not _active:
+                    registry._set_override(None)
 
     def _undo_all(self) -> None:
+        """Undo every change, newest first, then report what could not be undone."""
         undo, self._undo = self._undo, []
         errors = []
         for step in reversed(undo):
@@ -395,6 +405,21 @@ def active_mocks() -> list[VendorMock]:
 
 
 # -- internals -------------------------------------------------------------------------
+
+
+class _MockOverride:
+    """The registry's _Override while mocks are active: answered from ``_active``."""
+
+    def auto_backend(self) -> str | None:
+        """The innermost selecting mock's backend."""
+        return next((m.backend_name for m in reversed(tuple(_active)) if m.select), None)
+
+    def keeps_on_cpu(self, name: str) -> bool:
+        """Whether an active mock fakes backend ``name``."""
+        return any(m.backend_name == name for m in tuple(_active))
+
+
+_MOCKS = _MockOverride()
 
 
 class _VendorClasses:
@@ -440,6 +465,7 @@ class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def _recording_method(mock: VendorMock, label: str, method: str) -> Callable[..., Any]:
+    """GradScaler's ``method``, recording each call in ``mock.calls`` as ``label``."""
     original = getattr(torch.amp.GradScaler, method)
 
     @functools.wraps(original)
@@ -451,6 +477,7 @@ def _recording_method(mock: VendorMock, label: str, method: str) -> Callable[...
 
 
 def _find_stand_in(name: str) -> tuple[StandIn, str]:
+    """The stand-in registered for ``name`` and its backend's name, or a ValueError listing them."""
     with _lock:
         if name not in _stand_ins:
             _load_stand_ins()
@@ -458,7 +485,7 @@ def _find_stand_in(name: str) -> tuple[StandIn, str]:
     if found is None:
         known = ", ".join(repr(n) for n in stand_in_names())
         raise ValueError(
-            f"there is no stand-in for backend {name!r}; stand-ins exist for {known}. A plugin "
+            f"there is no stand-in for backend {name!r}; stand-ins exist for {known}, and a plugin "
             "adds its own with hwoptim.testing.register_stand_in or the "
             f"{STAND_IN_GROUP!r} entry point"
         )
@@ -466,13 +493,12 @@ def _find_stand_in(name: str) -> tuple[StandIn, str]:
 
 
 def _load_stand_ins() -> None:
-    """Register, once, the stand-ins plugins declare as entry points. (The built-in ones
-    registered themselves when hwoptim.testing was imported.)"""
+    """Register, once, the stand-ins plugins declare as entry points (the built-in ones register on import)."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    for ep in registry._entry_points(STAND_IN_GROUP):
+    for ep in entry_points(STAND_IN_GROUP):
         if ep.name not in _stand_ins:
             # A broken stand-in fails here, in a test, where its traceback belongs.
             register_stand_in(ep.name, ep.load())

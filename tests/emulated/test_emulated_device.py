@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import sys
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -48,6 +49,34 @@ def test_named_npu_it_brings_a_torch_npu_for_the_npu_backend(device):
     assert backend.vendor_versions()["torch_npu"] == torch_npu.__version__
     scaler = backend.grad_scaler(init_scale=8.0)
     assert isinstance(scaler, torch.amp.GradScaler) and scaler._device == "npu"
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_every_device_runs_backward_from_any_thread(device, index):
+    """Torch's engine sizes its device queues by the Python device guard's count (always 1)."""
+    where = torch.device(device.type, index)
+    torch.manual_seed(0)
+    cpu_model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    model = copy.deepcopy(cpu_model).to(where)
+    cpu_x = torch.randn(5, 3)
+    x = cpu_x.to(where)
+    input_grads: list[torch.Tensor] = []
+
+    def run() -> None:
+        model(x).sum().backward()
+        leaf = x.detach().requires_grad_()
+        input_grads.append(torch.autograd.grad(model(leaf).pow(2).sum(), leaf)[0])
+
+    run()
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert [g.device for g in input_grads] == [where, where]
+    for _ in range(2):
+        cpu_model(cpu_x).sum().backward()
+    for got, want in zip(model.parameters(), cpu_model.parameters()):
+        assert got.grad is not None and got.grad.device == where
+        torch.testing.assert_close(got.grad.cpu(), want.grad)
 
 
 # -- placement errors like CUDA's ---------------------------------------------------------------

@@ -109,6 +109,26 @@ def test_fp32_on_the_device_matches_the_cpu(device, form):
     torch.testing.assert_close(dev_wrapper.last_grad_norm.cpu(), cpu_wrapper.last_grad_norm)
 
 
+@pytest.mark.parametrize("precision", PRECISIONS, ids=str)
+def test_the_second_device_trains_like_the_first(device, precision):
+    """Issue 17 item 16: a backward on device 1 failed on an internal assert of torch's engine."""
+    runs = []
+    for index in (0, 1):
+        where = torch.device(device.type, index)
+        model = make_model(where)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        wrapper = AmpOptimWrapper(optimizer, device=where, accumulative_counts=3, clip_grad=dict(max_norm=0.5),
+                                  **PRECISIONS[precision])
+        assert wrapper.device == where
+        wrapper.initialize_count_status(model, 0, MICRO_BATCHES)
+        train(wrapper, model, batches(where), inf_at=INF_AT)
+        assert all(p.device == where for p in model.parameters())
+        assert on(where, wrapper.last_grad_norm)
+        runs.append([p.detach().cpu() for p in model.parameters()])
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_plain_optim_wrapper_keeps_its_values_with_the_parameters(device):
     model = make_model(device)
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2,
