@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
 
-from hwoptim.__main__ import environment_report, main, run_demo
+import hwoptim
+import hwoptim.__main__ as demo_module
+from hwoptim.__main__ import PLOT_HELP, demo_figure, environment_report, main, run_demo
 from hwoptim.testing import mock_backend
 
 
@@ -43,16 +47,24 @@ def test_environment_report_names_the_auto_choice(monkeypatch):
 def test_demo_trains_and_summarises(capsys):
     assert main(["demo", "--device", "cpu", "--steps", "24", "--accum", "3", "--quiet"]) == 0
     out = capsys.readouterr().out
-    for key in ("device", "dtype", "steps", "updates", "skipped_steps", "zeroed_steps", "loss_first",
-                "loss_last", "ms_per_step"):
+    for key in ("device", "dtype", "steps", "updates", "skipped_steps", "zeroed_steps", "loss_before",
+                "loss_after", "ms_per_step"):
         assert key in out
 
 
 def test_demo_summary_numbers():
     summary = run_demo(device="cpu", dtype="float16", steps=20, accum=4, clip=0.5, progress=False)
     assert summary["updates"] == 5 and summary["loss_scaling"] is True
-    assert summary["loss_last"] < summary["loss_first"]
+    assert summary["loss_after"] < summary["loss_before"]
     assert summary["dtype"] == "float16" and summary["skipped_steps"] >= 0
+
+
+@pytest.mark.parametrize(("steps", "updates"), [(1, 1), (2, 1), (10, 3)])
+def test_demo_with_few_steps_sees_the_loss_fall(steps, updates, capsys):
+    # judged on a held-out batch before and after training, not on logged training losses
+    assert main(["demo", "--device", "cpu", "--steps", str(steps), "--quiet"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"steps          {steps}\n" in out and f"updates        {updates}\n" in out
 
 
 @pytest.mark.parametrize("argv", [["demo", "--steps", "0"], ["demo", "--clip", "-1"], ["demo", "--bogus"], []])
@@ -63,7 +75,30 @@ def test_bad_flags_are_argparse_errors(argv, capsys):
     assert "usage:" in capsys.readouterr().err
 
 
-def test_demo_plots_loss_and_loss_scale(tmp_path, capsys):
+def demo_help(capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+
+
+def test_demo_help_describes_every_flag(capsys):
+    text = demo_help(capsys)
+    for flag in ("--device", "--dtype", "--steps", "--accum", "--clip", "--seed", "--lr", "--plot", "--quiet"):
+        described = re.search(rf"{flag}(?: [A-Z_.]+)? (\S+)", text.split("options:", 1)[1])
+        assert described and not described.group(1).startswith("--"), f"{flag} has no help: {text}"
+    assert "seeds the data, the model" in text and "AdamW's learning rate" in text
+    assert "clip_grad max_norm" in text
+
+
+def test_demo_help_says_what_the_plot_draws_per_dtype(capsys):
+    text = demo_help(capsys)
+    assert PLOT_HELP in text
+    assert "loss at every micro-batch" in text and "gradient norm before clipping at every update" in text
+    assert "under float16, the loss scale" in text and "bfloat16 and float32 have no loss scaler" in text
+
+
+def test_demo_plots_every_step(tmp_path, capsys):
     path = tmp_path / "curves.png"
     argv = ["demo", "--device", "cpu", "--dtype", "float16", "--steps", "20", "--quiet", "--plot", str(path)]
     assert main(argv) == 0
@@ -71,10 +106,106 @@ def test_demo_plots_loss_and_loss_scale(tmp_path, capsys):
     assert str(path) in capsys.readouterr().out
 
 
-def test_demo_progress_bar_shows_loss_norm_and_scale(capsys):
+@pytest.fixture
+def figures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The figures the demo draws, kept for the test to read."""
+    drawn: list[Any] = []
+
+    def keep(*args: Any) -> Any:
+        drawn.append(demo_figure(*args))
+        return drawn[-1]
+
+    monkeypatch.setattr(demo_module, "demo_figure", keep)
+    return drawn
+
+
+def lines_by_label(ax: Any) -> dict[str, Any]:
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_demo_figure_has_every_step_every_update_and_legends(tmp_path, figures):
+    summary = run_demo(device="cpu", dtype="float16", steps=23, accum=4, progress=False,
+                       plot=str(tmp_path / "f.png"))
+    (fig,) = figures
+    assert "cpu" in fig.get_suptitle() and "float16" in fig.get_suptitle()
+    loss_ax, norm_ax, scale_ax = fig.axes
+    updates = [4, 8, 12, 16, 20, 23]  # the last, shorter window updates at the end
+    assert summary["updates"] == len(updates)
+    loss = lines_by_label(loss_ax)["training loss, per micro-batch"]
+    assert list(loss.get_xdata()) == list(range(1, 24))
+    norm = lines_by_label(norm_ax)["grad norm before clipping, per update"]
+    assert list(norm.get_xdata()) == updates and all(v > 0 for v in norm.get_ydata())
+    assert list(lines_by_label(norm_ax)["clip max_norm = 1"].get_ydata()) == [1.0, 1.0]
+    scale = next(line for label, line in lines_by_label(scale_ax).items() if label.startswith("loss scale"))
+    assert list(scale.get_xdata()) == updates and all(v > 1 for v in scale.get_ydata())
+    for ax in fig.axes:  # every curve is in its panel's legend
+        legend = ax.get_legend()
+        assert legend is not None
+        assert [t.get_text() for t in legend.get_texts()] == [line.get_label() for line in ax.get_lines()]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_demo_figure_says_why_there_is_no_loss_scale(tmp_path, figures, dtype):
+    run_demo(device="cpu", dtype=dtype, steps=8, progress=False, plot=str(tmp_path / "f.png"))
+    scale_ax = figures[0].axes[2]
+    assert scale_ax.get_lines() == []
+    (note,) = [t.get_text() for t in scale_ax.texts]
+    assert note.startswith(f"no loss scale: {dtype} trains without a loss scaler")
+
+
+def test_demo_figure_without_clipping_says_there_is_no_grad_norm(tmp_path, figures):
+    run_demo(device="cpu", dtype="float16", steps=8, clip=0.0, progress=False, plot=str(tmp_path / "f.png"))
+    norm_ax = figures[0].axes[1]
+    assert norm_ax.get_lines() == []
+    assert [t.get_text() for t in norm_ax.texts] == ["no grad norm: clipping is off (--clip 0), so none is computed"]
+
+
+def refuse_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_training(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the demo trained before checking --plot")
+
+    monkeypatch.setattr(hwoptim, "AmpOptimWrapper", no_training)
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    ("missing/folder/curves.png", "does not exist"),
+    (".", "that is a folder"),
+    ("curves.notaformat", "matplotlib cannot write 'notaformat'; use one of"),
+])
+def test_demo_plot_to_an_unwritable_path_fails_before_training(tmp_path, monkeypatch, capsys, name, says):
+    refuse_training(monkeypatch)
+    path = str(tmp_path / name)
+    assert main(["demo", "--device", "cpu", "--steps", "4", "--quiet", "--plot", path]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"hwoptim demo: error: --plot {path}: ")
+    assert says in captured.err and "Traceback" not in captured.err
+
+
+def test_demo_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch, capsys):
+    refuse_training(monkeypatch)
+    for module in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, module, None)
+    assert main(["demo", "--device", "cpu", "--quiet", "--plot", str(tmp_path / "f.png")]) == 2
+    assert "matplotlib is not installed (pip install matplotlib" in capsys.readouterr().err
+
+
+def test_demo_progress_bar_goes_to_stderr(capsys):
     assert main(["demo", "--device", "cpu", "--dtype", "float16", "--steps", "20"]) == 0
-    out = capsys.readouterr().out
-    assert "loss=" in out and "grad_norm=" in out and "scale=" in out
+    captured = capsys.readouterr()
+    assert "loss=" in captured.err and "grad_norm=" in captured.err and "scale=" in captured.err
+    assert "loss=" not in captured.out and "it/s" not in captured.out and "step/s" not in captured.out
+    assert captured.out.splitlines()[0].startswith("device")  # only the summary
+
+
+def test_demo_progress_lines_without_tqdm_go_to_stderr(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert main(["demo", "--device", "cpu", "--dtype", "float16", "--steps", "12"]) == 0
+    captured = capsys.readouterr()
+    progress = [line for line in captured.err.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == ["10/12", "12/12"]
+    assert "loss" in progress[0] and "grad_norm" in progress[0] and "scale" in progress[0]
+    assert not [line for line in captured.out.splitlines() if line.startswith("step ")]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="torch_npu is installed here")

@@ -7,6 +7,7 @@ does for the same config, or with an uninterrupted run. Nothing of mmengine is p
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import uuid
@@ -235,7 +236,17 @@ def test_amp_trains_on_the_cpu_and_logs_its_values(tmp_path, dtype):
         assert wrapper.loss_scaler is None and "train/loss_scale" not in scalars
 
 
-@pytest.mark.parametrize("backend", ["cuda", "npu", "xpu", "mps", "hpu", "mlu"])
+def plugin_backend(name: str) -> Any:
+    """A parameter for the backend a plugin under backends/ adds: skipped, saying how to
+    install it, where that plugin is not installed (the README's `pip install -e ".[test]"`
+    installs none)."""
+    package = f"hwoptim-{name}"
+    missing = importlib.util.find_spec(package.replace("-", "_")) is None
+    reason = f"the {package} plugin is not installed: pip install -e backends/{package}"
+    return pytest.param(name, marks=pytest.mark.skipif(missing, reason=reason))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "npu", "xpu", "mps", plugin_backend("hpu"), plugin_backend("mlu")])
 def test_amp_under_the_runner_on_a_mocked_backend(tmp_path, backend):
     from hwoptim.testing import mock_backend
 

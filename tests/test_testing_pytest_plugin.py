@@ -3,6 +3,10 @@ hwoptim_mock_backend mocks a backend for one test."""
 
 from __future__ import annotations
 
+import re
+import textwrap
+from pathlib import Path
+
 import pytest
 
 # mock_backend imports torch's compiler stack on entry. pytester's in-process runs forget the
@@ -87,3 +91,84 @@ def test_hwoptim_mock_backend_lasts_for_its_test_only(pytester: pytest.Pytester)
             assert get_backend("auto").name == "cpu"
     """)
     run(pytester).assert_outcomes(passed=2)
+
+
+# -- the hwoptim_emulated marker, and the user project docs/testing-on-cpu.md lays out --------
+
+DOC = Path(__file__).parent.parent / "docs" / "testing-on-cpu.md"
+
+
+def doc_project() -> dict[str, str]:
+    """The files of the user project the doc shows: each is a python block after a line
+    that names its path."""
+    text = DOC.read_text()
+    files = dict(re.findall(r"^`(tests/[\w/]+\.py)`[^\n]*:\n\n```python\n(.*?)```", text, re.S | re.M))
+    assert set(files) == {"tests/on_device/conftest.py", "tests/on_device/test_on_device.py",
+                          "tests/test_training.py"}, files.keys()
+    return files
+
+
+def make_project(pytester: pytest.Pytester) -> None:
+    for path, source in doc_project().items():
+        target = pytester.path / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(source)
+
+
+def test_a_plain_run_of_the_docs_project_skips_the_emulated_tests_saying_how_to_run_them(
+    pytester: pytest.Pytester,
+) -> None:
+    make_project(pytester)
+    result = run(pytester, "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines([
+        "SKIPPED*test_on_device.py*needs hwoptim's emulated device, which takes a pytest process of "
+        "its own: run python -m pytest --hwoptim-device emulated:emu tests?on_device",
+    ])
+
+
+def test_the_docs_project_runs_its_emulated_tests_with_the_option(pytester: pytest.Pytester) -> None:
+    make_project(pytester)
+    (pytester.path / "tests" / "on_device" / "test_marked.py").write_text(textwrap.dedent(MARKED))
+    # its own process: the emulated device cannot be removed from this one
+    result = pytester.runpytest_subprocess(
+        "-p", "no:hypothesispytest", "-p", "no:cacheprovider", "-rs", "--hwoptim-device", "emulated:emu",
+        "tests/on_device", timeout=600,
+    )
+    result.assert_outcomes(passed=3, skipped=1)  # the doc's test and two of MARKED's
+    result.stdout.fnmatch_lines([
+        "SKIPPED*test_marked.py:*: needs the emulated device npu, not emu: run python -m pytest "
+        "--hwoptim-device emulated:npu tests?on_device",
+    ])
+
+
+MARKED = """
+    import pytest
+
+    @pytest.mark.hwoptim_emulated
+    def test_any_emulated():
+        pass
+
+    @pytest.mark.hwoptim_emulated("npu")
+    def test_npu_only():
+        pass
+
+    def test_unmarked():
+        pass
+"""
+
+
+def test_marked_tests_skip_under_a_mock_device_too(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(MARKED)
+    result = run(pytester, "-rs", "--hwoptim-device", "mock:npu")
+    result.assert_outcomes(passed=1, skipped=2)
+    result.stdout.fnmatch_lines([
+        "SKIPPED*.py:3: needs hwoptim's emulated device*: run python -m pytest --hwoptim-device emulated:emu .",
+        "SKIPPED*.py:7: needs hwoptim's emulated device*: run python -m pytest --hwoptim-device emulated:npu .",
+    ])
+
+
+def test_the_marker_is_registered(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(MARKED)
+    result = run(pytester, "--strict-markers", "--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.hwoptim_emulated(*names): runs only with --hwoptim-device*"])

@@ -11,11 +11,17 @@ It adds two fixtures and one option, so a project's own suite runs per device:
   ``device="auto"`` in the code under test resolves to the same device.
 - ``hwoptim_mock_backend``: a function ``(name, **kwargs) -> VendorMock`` starting
   ``mock_backend`` for the rest of the test.
+
+and one marker: ``@pytest.mark.hwoptim_emulated`` (or ``hwoptim_emulated("npu")``) for
+tests that need the emulated accelerator. They run only in a session started with
+``--hwoptim-device emulated:NAME`` (of one of the names given, if any) and skip otherwise,
+saying how to run them, so a plain ``pytest`` can collect them with the rest of a suite.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -28,6 +34,7 @@ from hwoptim.testing.mock import VendorMock, mock_backend
 OPTION = "--hwoptim-device"
 MOCK_PREFIX = "mock:"
 EMULATED_PREFIX = "emulated:"
+MARKER = "hwoptim_emulated"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -63,6 +70,11 @@ def emulated_spec(config: pytest.Config) -> str | None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(*names): runs only with {OPTION} emulated:NAME (one of names, if given); "
+        "skipped otherwise",
+    )
     # Before collection: test modules may ask for the device when they are imported.
     name = emulated_spec(config)
     if name is not None:
@@ -72,6 +84,27 @@ def pytest_configure(config: pytest.Config) -> None:
             install(name)
         except (RuntimeError, ValueError) as exc:
             raise pytest.UsageError(f"{OPTION}=emulated:{name}: {exc}") from None
+
+
+@pytest.hookimpl(trylast=True)  # after conftests that add the marker to a folder's tests
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked hwoptim_emulated that this session's device cannot run."""
+    running = emulated_spec(config)
+    for item in items:
+        marker = item.get_closest_marker(MARKER)
+        if marker is None:
+            continue
+        names = [str(n) for n in marker.args]
+        if running is not None and (not names or running in names):
+            continue
+        where = os.path.relpath(item.path.parent, config.invocation_params.dir)
+        how = f"python -m pytest {OPTION} {EMULATED_PREFIX}{names[0] if names else 'emu'} {where}"
+        if running is None:
+            reason = (f"needs hwoptim's emulated device, which takes a pytest process of its own: "
+                      f"run {how}")
+        else:
+            reason = f"needs the emulated device {' or '.join(names)}, not {running}: run {how}"
+        item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
