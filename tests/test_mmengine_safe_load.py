@@ -378,3 +378,35 @@ def test_re_importing_the_bridge_does_not_wrap_mmengines_loaders_twice():
     for loader in CheckpointLoader._schemes.values():
         assert loader._hwoptim_safe_loading
         assert not getattr(loader.__wrapped__, "_hwoptim_safe_loading", False)
+
+
+# -- the example ----------------------------------------------------------------------------
+
+
+def test_the_mmengine_example_resumes_exactly_with_safe_loading_on(tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "mmengine_runner.py"
+    spec = importlib.util.spec_from_file_location("mmengine_runner_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    common = ["--accum", "2", "--checkpoint-every", "2", "--log-every", "2", "--device", "cpu"]
+
+    # the example builds its model before the Runner seeds: each run starts alike, as each
+    # new process does
+    for steps, run, resume in ((8, "straight", []), (4, "resumed", []), (8, "resumed", ["--resume"])):
+        torch.manual_seed(0)
+        example.main([*common, "--steps", str(steps), "--work-dir", str(tmp_path / run), *resume])
+
+    assert "done: 8 iterations" in capsys.readouterr().out
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ  # the example's resume did not set it
+    with bridge.safe_loading():
+        straight, resumed = (torch.load(tmp_path / run / "iter_8.pth", weights_only=True)
+                             for run in ("straight", "resumed"))
+    assert resumed["meta"]["iter"] == 8
+    for key in ("state_dict", "optimizer", "param_schedulers"):
+        assert_same(resumed[key], straight[key], key)
+    hubs = straight["message_hub"]["log_scalars"], resumed["message_hub"]["log_scalars"]
+    for key in ("train/grad_norm", "train/loss_scale", "train/loss", "train/lr"):
+        assert [h[key].data[0].tolist() for h in hubs] == [hubs[0][key].data[0].tolist()] * 2, key
