@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Detected call of `scheduler.step()`")
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="hwoptim-mmengine-")
     runner = Runner(
-        model=Classifier(),
+        model=dict(type=Classifier),  # built by the Runner once it has seeded: runs repeat
         work_dir=work_dir,
         train_dataloader=dict(
             dataset=Colours(), batch_size=16, num_workers=0,
