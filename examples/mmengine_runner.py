@@ -99,17 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.resume and args.work_dir is None:
         parser.error("--resume needs the --work-dir of the run to continue")
-    if args.resume:
-        # mmengine 0.10.7 resumes with torch.load's weights_only default of torch >= 2.6,
-        # which refuses its own MessageHub state; this is torch's documented switch for that.
-        # It unpickles whatever the checkpoint holds: resume only checkpoints you wrote.
-        os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    # Resuming needs no TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: with hwoptim.mmengine imported (the
+    # wrapper's constructor imports it), mmengine loads its checkpoints with torch's safe
+    # loading on, allowing only what they hold (docs/migrating-from-mmengine.md).
     # mmengine's schedulers warn when an iteration ends without an optimizer step, as every
     # accumulating one does (with mmengine's own wrapper too); the schedule is still right.
     warnings.filterwarnings("ignore", message="Detected call of `scheduler.step()`")
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="hwoptim-mmengine-")
     runner = Runner(
-        model=Classifier(),
+        model=dict(type=Classifier),  # built by the Runner once it has seeded: runs repeat
         work_dir=work_dir,
         train_dataloader=dict(
             dataset=Colours(), batch_size=16, num_workers=0,

@@ -11,7 +11,6 @@ import importlib.util
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -445,15 +444,7 @@ def _checkpointed(tmp_path: Path, name: str, optim_wrapper: dict[str, Any], stop
     return work_dir
 
 
-@pytest.fixture
-def no_weights_only_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """mmengine 0.10.7 resumes with torch.load's default, weights_only=True since torch 2.6,
-    which refuses its own MessageHub state (HistoryBuffer); torch's documented switch."""
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    yield
-
-
-def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, no_weights_only_load):
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
     straight = train(tmp_path / "straight", optim_wrapper=RESUME_CONFIG, **RESUME_RUN)
     work_dir = _checkpointed(tmp_path, "interrupted", RESUME_CONFIG, stop_at=7)
     assert (work_dir / "iter_6.pth").exists()  # the last window boundary before the stop
@@ -468,11 +459,12 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, no_weights_o
     assert grad_norms(resumed) == grad_norms(straight)
 
 
-def test_a_checkpoint_of_mmengines_wrapper_resumes_in_hwoptim(tmp_path, no_weights_only_load):
+def test_a_checkpoint_of_mmengines_wrapper_resumes_in_hwoptim(tmp_path):
     theirs = fp32_config("OptimWrapper")
     straight = train(tmp_path / "straight", optim_wrapper=theirs, **RESUME_RUN)
     work_dir = _checkpointed(tmp_path, "interrupted", theirs, stop_at=6)
-    checkpoint = torch.load(work_dir / "iter_6.pth", weights_only=False)
+    with bridge.safe_loading():
+        checkpoint = torch.load(work_dir / "iter_6.pth", weights_only=True)
     assert "hwoptim" not in checkpoint["optimizer"]  # written by mmengine's wrapper
 
     resumed = train(work_dir, optim_wrapper=fp32_config(hwoptim.OptimWrapper), resume=True, **RESUME_RUN)
@@ -495,7 +487,7 @@ GAN_CONFIG = dict(
 )
 
 
-def test_an_optim_wrapper_dict_trains_a_gan_under_the_runner(tmp_path, no_weights_only_load):
+def test_an_optim_wrapper_dict_trains_a_gan_under_the_runner(tmp_path):
     runner = train(
         tmp_path, model=GAN(), optim_wrapper=GAN_CONFIG,
         param_scheduler=dict(type="LinearLR", start_factor=0.5, by_epoch=False, begin=0, end=4),

@@ -78,8 +78,8 @@ def test_mmengine_puts_the_model_on_the_cpu_whatever_the_user_did(tmp_path, devi
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_amp_under_the_runner_trains_on_the_device_and_resumes(tmp_path, device, dtype, monkeypatch):
-    # mmengine 0.10.7 resumes with torch.load's weights_only default (see test_mmengine.py)
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    # torch's safe loading on (hwoptim.mmengine's allow list; tests/test_mmengine_safe_load.py)
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
     straight = Runner(**runner_kwargs(
         tmp_path / "straight", optim_wrapper=amp_config(dtype),
         default_hooks=dict(logger=dict(type="LoggerHook", interval=5), checkpoint=None),
