@@ -9,7 +9,6 @@ so "dynamic" means no scaler there, and no per-step sync for it.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Union
@@ -17,6 +16,7 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor
 
+from hwoptim import _warnings as warnings  # Python warnings, also in mmengine's log (_warnings.py)
 from hwoptim._numbers import as_float, check_int, check_real, given
 from hwoptim.backends.base import Backend, dtype_name
 from hwoptim.backends.registry import DeviceSpec, get_backend

@@ -10,11 +10,12 @@ and runs the same update function uncompiled from then on.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Union
 
 import torch
+
+from hwoptim import _warnings as warnings  # Python warnings, also in mmengine's log (_warnings.py)
 
 #: what ``compile_step`` takes: False, True or a dict of torch.compile keyword arguments
 CompileStep = Union[bool, Mapping[str, Any]]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import operator
 import sys
-import warnings
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Callable
@@ -22,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from hwoptim import _warnings as warnings  # Python warnings, also in mmengine's log (_warnings.py)
 from hwoptim._numbers import as_int, check_int
 from hwoptim.backends.base import has_gradient_sync, skip_gradient_sync, unwrap_compiled
 from hwoptim.clip import ClipFn, ClipGrad, nonfinite_flag, parse_clip_grad

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -748,3 +749,91 @@ def test_a_copied_wrapper_logs_to_the_message_hub_under_its_names(how):
         wrapper2["a"].step()
     assert len(hub.get_scalar("train/a.grad_norm").data[0]) == 2
     assert isinstance(wrapper2, mm_optim.OptimWrapperDict)
+
+
+# -- what mmengine code reads of a wrapper: its log, message_hub, the Runner's dict ----------
+
+
+def test_hwoptims_warnings_reach_mmengines_current_logger():
+    """mmengine's own test_initialize_iter_status: one logger record per warning."""
+    import unittest
+
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_instance(f"hwoptim-test-{uuid.uuid4().hex[:8]}")  # now the current one
+    model = torch.nn.Linear(2, 2)
+    wrapper = hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=3)
+    case = unittest.TestCase()
+    with case.assertLogs(logger, "WARNING") as logged, pytest.warns(UserWarning, match="Resumed iteration") as warned:
+        wrapper.initialize_count_status(model, 2, 100)
+    assert [r.getMessage() for r in logged.records] == [f"hwoptim: {warned[0].message}"]
+    assert warned[0].filename == __file__  # the Python warning still points at this line
+    with case.assertLogs(logger, "WARNING") as logged, pytest.warns(UserWarning, match="BatchNorm"):
+        wrapper.initialize_count_status(torch.nn.BatchNorm1d(2), 0, 99)
+    assert len(logged.records) == 1 and "Gradient accumulative" in logged.records[0].getMessage()
+
+
+def test_a_warning_turned_into_an_error_is_not_logged():
+    from mmengine.logging import MMLogger
+
+    MMLogger.get_instance(f"hwoptim-test-{uuid.uuid4().hex[:8]}")
+    heard: list[str] = []
+    hwoptim._warnings.subscribe("test", lambda message, category: heard.append(message))
+    try:
+        wrapper = hwoptim.OptimWrapper(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1),
+                                       accumulative_counts=3)
+        with pytest.warns(UserWarning, match="Resumed"):
+            wrapper.initialize_count_status(None, 1, 10)
+        assert len(heard) == 1 and heard[0].startswith("Resumed iteration number 1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UserWarning, match="Resumed"):
+                wrapper.initialize_count_status(None, 1, 10)
+        assert len(heard) == 1  # raised before the subscribers heard of it
+    finally:
+        hwoptim._warnings.unsubscribe("test")
+
+
+def test_the_wrappers_have_mmengines_message_hub():
+    """mmengine's own test_init: the hub current when the wrapper is made, where it logs."""
+    hub = MessageHub.get_instance(f"hwoptim-test-{uuid.uuid4().hex[:8]}")
+    model = torch.nn.Linear(2, 2)
+    wrapper = hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), clip_grad=dict(max_norm=1.0))
+    assert wrapper.message_hub is hub
+    wrapper.update_params(model(torch.ones(1, 2)).sum())
+    assert "train/grad_norm" in hub.log_scalars
+    assert hwoptim.OptimWrapperDict(a=wrapper).message_hub is hub
+
+
+def _gan_wrappers(model: Any) -> dict[str, Any]:
+    return dict(
+        generator=hwoptim.OptimWrapper(torch.optim.Adam(model.generator.parameters(), lr=1e-3)),
+        discriminator=hwoptim.OptimWrapper(torch.optim.SGD(model.discriminator.parameters(), lr=0.01),
+                                           accumulative_counts=3, clip_grad=dict(max_norm=1.0)),
+    )
+
+
+def test_the_runner_warns_in_its_log_when_it_wraps_hwoptims_wrappers_in_mmengines_dict(tmp_path):
+    """Given a dict of built wrappers, mmengine's Runner makes its own OptimWrapperDict
+    (mmengine's test_build_optim_wrapper): the run says so, in its log file too."""
+    model = GAN()
+    with pytest.warns(UserWarning, match="mmengine's own OptimWrapperDict") as warned:
+        runner = train(tmp_path, model=model, optim_wrapper=_gan_wrappers(model), log_level="WARNING")
+    assert type(runner.optim_wrapper) is mm_optim.OptimWrapperDict
+    about_the_dict = [str(w.message) for w in warned if "mmengine's own OptimWrapperDict" in str(w.message)]
+    assert len(about_the_dict) == 1  # once per dict, though both members step
+    assert "optim_wrapper=hwoptim.OptimWrapperDict(generator=..., discriminator=...)" in about_the_dict[0]
+    log = next(tmp_path.glob("*/*.log")).read_text()
+    assert "hwoptim: mmengine's Runner holds hwoptim's wrappers ['generator', 'discriminator']" in log
+    # the windows' end never reached the members: the unknown-end warning, in the log too
+    assert "hwoptim: accumulating gradients over 3 micro-batches without initialize_count_status" in log
+
+    # hwoptim's dict, given as it is: the Runner keeps it, and its counts reach the members
+    model = GAN()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner = train(tmp_path / "dict", model=model, log_level="WARNING",
+                       optim_wrapper=hwoptim.OptimWrapperDict(**_gan_wrappers(model)))
+    assert type(runner.optim_wrapper) is hwoptim.OptimWrapperDict
+    assert runner.optim_wrapper["discriminator"]._max_counts == ITERS
+    assert "train/discriminator.grad_norm" in runner.message_hub.log_scalars
