@@ -7,6 +7,7 @@ does for the same config, or with an uninterrupted run. Nothing of mmengine is p
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import uuid
@@ -837,3 +838,20 @@ def test_the_runner_warns_in_its_log_when_it_wraps_hwoptims_wrappers_in_mmengine
     assert type(runner.optim_wrapper) is hwoptim.OptimWrapperDict
     assert runner.optim_wrapper["discriminator"]._max_counts == ITERS
     assert "train/discriminator.grad_norm" in runner.message_hub.log_scalars
+
+
+def test_the_extras_never_install_a_second_mmengine():
+    """Full mmengine and mmengine-lite both install the package "mmengine": an extra naming
+    lite adds a second copy to every OpenMMLab project, which has full mmengine."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python >= 3.11")
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    names = {
+        extra: {re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower() for req in reqs}
+        for extra, reqs in pyproject["project"]["optional-dependencies"].items()
+    }
+    for extra in ("mmengine", "test"):
+        assert "mmengine" in names[extra], extra
+    for extra, reqs in names.items():
+        assert "mmengine-lite" not in reqs, extra
+        # full mmengine requires opencv-python: a headless one beside it is a second cv2
+        assert not ("mmengine" in reqs and "opencv-python-headless" in reqs), extra
