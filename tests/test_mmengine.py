@@ -855,3 +855,50 @@ def test_the_extras_never_install_a_second_mmengine():
         assert "mmengine-lite" not in reqs, extra
         # full mmengine requires opencv-python: a headless one beside it is a second cv2
         assert not ("mmengine" in reqs and "opencv-python-headless" in reqs), extra
+
+
+def _base_config(tmp_path: Path) -> None:
+    (tmp_path / "base.py").write_text(
+        'custom_imports = dict(imports=["_mmengine_worker"])\n'
+        'model = dict(type="HwoptimTestNet")\n'
+        'train_dataloader = dict(dataset=dict(type="HwoptimTestData"), batch_size=4,\n'
+        '    sampler=dict(type="DefaultSampler", shuffle=False), collate_fn=dict(type="default_collate"))\n'
+        f'train_cfg = dict(by_epoch=False, max_iters={ITERS})\n'
+        'optim_wrapper = dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=0.1))\n'
+        'default_hooks = dict(logger=None, checkpoint=None)\n'
+        'log_level = "ERROR"\n'
+    )
+
+
+def test_a_config_with_base_and_the_scoped_name(tmp_path):
+    """The form docs/migrating-from-mmengine.md gives for configs with _base_: it inherits."""
+    from mmengine.config import Config
+
+    _base_config(tmp_path)
+    (tmp_path / "config.py").write_text(
+        '_base_ = ["./base.py"]\n'
+        'custom_imports = dict(imports=["hwoptim.mmengine", "_mmengine_worker"])\n'
+        'optim_wrapper = dict(type="hwoptim.AmpOptimWrapper", dtype="bfloat16", device="cpu")\n'
+        f'work_dir = {str(tmp_path / "work")!r}\n'
+        f'experiment_name = "cfg-{uuid.uuid4().hex[:8]}"\n'
+    )
+    runner = Runner.from_cfg(Config.fromfile(str(tmp_path / "config.py")))
+    runner.train()
+    assert type(runner.optim_wrapper) is hwoptim.AmpOptimWrapper
+    assert runner.optim_wrapper.defaults["lr"] == 0.1  # the base's optimizer, merged
+    assert set(runner.model.forward_dtypes) == {torch.bfloat16}
+
+
+def test_a_python_config_that_imports_hwoptim_cannot_take_base(tmp_path):
+    """Why the doc says so: a top-level import makes mmengine read the file as a lazy-import
+    config, which refuses _base_ (its inheritance is read_base())."""
+    from mmengine.config import Config
+
+    _base_config(tmp_path)
+    (tmp_path / "config.py").write_text(
+        "import hwoptim\n"
+        '_base_ = ["./base.py"]\n'
+        "optim_wrapper = dict(type=hwoptim.AmpOptimWrapper, dtype='bfloat16', device='cpu')\n"
+    )
+    with pytest.raises(Exception, match="_base_"):
+        Config.fromfile(str(tmp_path / "config.py"))

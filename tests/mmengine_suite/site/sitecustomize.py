@@ -25,15 +25,15 @@ import sys
 
 
 def _substitute() -> None:
-    import mmengine.hooks  # noqa: F401  (first: they keep mmengine's own classes)
-    import mmengine.model  # noqa: F401
+    import mmengine.hooks  # first: the runner, hooks and models keep mmengine's own classes
+    import mmengine.model
     import mmengine.optim
     import mmengine.optim.optimizer
-    import mmengine.runner  # noqa: F401
+    import mmengine.runner
     from mmengine.registry import OPTIM_WRAPPERS
 
     import hwoptim
-    import hwoptim.mmengine  # noqa: F401  (the bridge, as a config's custom_imports loads it)
+    import hwoptim.mmengine  # the bridge, as a config's custom_imports loads it
 
     for name in ("OptimWrapper", "AmpOptimWrapper", "OptimWrapperDict"):
         cls = getattr(hwoptim, name)
