@@ -72,6 +72,8 @@ DELIBERATE = {
     _WRAPPER + "test_state_dict":
         "state_dict() holds one more key, 'hwoptim' (the accumulation counters, for an "
         "exact resume)",
+    _WRAPPER + "test_load_state_dict":
+        "the same key: the test compares state_dict() with the optimizer's own",
     _DICT + "test_init":
         "a member that is not an OptimWrapper raises TypeError, not AssertionError",
     "test_runner.py::TestRunner::test_build_optim_wrapper":
