@@ -31,6 +31,10 @@ imports mmengine and a plain loop pays nothing):
   :func:`leave` stops this for a wrapper whose process imports mmengine for other reasons.
   With ``num_items`` the window's loss per item (``wrapper.last_loss``) goes there too,
   as ``train/item_loss``.
+- hwoptim's warnings also become records of mmengine's current logger (once one exists),
+  as mmengine's wrapper logs its own, so a Runner's log file holds them; ``message_hub``
+  is the current MessageHub; and a Runner that wraps hwoptim's wrappers in mmengine's own
+  OptimWrapperDict (given a dict of built wrappers) is warned about at the first update.
 - Item-weighted accumulation (docs/variable-size-batches.md): a model that mixes in
   :class:`ItemWeightedTrainStep` returns its losses as sums together with a ``num_items``
   entry, and its ``train_step`` passes the count to ``update_params``; under DDP,
