@@ -95,7 +95,7 @@ SCOPE = "hwoptim"
 if not isinstance(_MMOptimWrapper, ABCMeta):  # pragma: no cover - mmengine 0.10 has it
     raise ImportError(
         "mmengine.optim.OptimWrapper is not an ABC in this mmengine version, so hwoptim's "
-        "wrappers cannot pass its isinstance checks; use mmengine-lite 0.10"
+        "wrappers cannot pass its isinstance checks; use mmengine 0.10"
     )
 _MMOptimWrapper.register(OptimWrapper)
 _MMOptimWrapperDict.register(OptimWrapperDict)
