@@ -361,7 +361,9 @@ class _LogAfterStep:
         wrapper = self._wrapper()
         if wrapper is None:
             return
-        if not self.stepped:  # once per wrapper: a look at the Runner that drives it
+        # once per wrapper, a look at the Runner that drives it; not inside a compiled
+        # update (compile_step): dynamo cannot trace the walk up the stack
+        if not self.stepped and not torch.compiler.is_compiling():
             self.stepped = True
             _check_the_runners_dict(wrapper)
         norm = wrapper.last_grad_norm
