@@ -448,8 +448,14 @@ def _message_hub(wrapper: OptimWrapper) -> Any:
     return MessageHub.get_current_instance()
 
 
+def _no_message_hub(wrappers: OptimWrapperDict) -> Any:
+    """mmengine's OptimWrapperDict has no message_hub either: the members have one each."""
+    raise AttributeError("an OptimWrapperDict has no message_hub; use wrappers[name].message_hub")
+
+
 #: mmengine's OptimWrapper.message_hub, on hwoptim's classes while mmengine is imported
 OptimWrapper.message_hub = property(_message_hub)  # type: ignore[attr-defined]
+OptimWrapperDict.message_hub = property(_no_message_hub)  # type: ignore[attr-defined]
 
 #: the mmengine OptimWrapperDicts already warned about (a warning once per Runner's dict)
 _warned_dicts: weakref.WeakSet[Any] = globals().get("_warned_dicts", weakref.WeakSet())
