@@ -78,7 +78,7 @@ def compare_with_mmengine(cfg: dict, ours) -> None:
             from mmengine.logging import MMLogger
             from mmengine.optim import build_optim_wrapper as mm_build_optim_wrapper
     except ImportError:
-        print("mmengine: not installed, comparison skipped (pip install mmengine-lite)")
+        print("mmengine: not installed, comparison skipped (pip install mmengine)")
         return
     MMLogger.get_instance("example", log_level="WARNING")  # quiet: it logs each param's options
 

@@ -32,6 +32,10 @@ imports mmengine and a plain loop pays nothing):
   :func:`leave` stops this for a wrapper whose process imports mmengine for other reasons.
   With ``num_items`` the window's loss per item (``wrapper.last_loss``) goes there too,
   as ``train/item_loss``.
+- hwoptim's warnings also become records of mmengine's current logger (once one exists),
+  as mmengine's wrapper logs its own, so a Runner's log file holds them; ``message_hub``
+  is the current MessageHub; and a Runner that wraps hwoptim's wrappers in mmengine's own
+  OptimWrapperDict (given a dict of built wrappers) is warned about at the first update.
 - Item-weighted accumulation (docs/variable-size-batches.md): a model that mixes in
   :class:`ItemWeightedTrainStep` returns its losses as sums together with a ``num_items``
   entry, and its ``train_step`` passes the count to ``update_params``; under DDP,
@@ -49,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging
 import pickle
 import sys
 import weakref
@@ -58,7 +63,7 @@ from typing import Any, NoReturn, cast
 
 import numpy as np
 import torch
-from mmengine.logging import HistoryBuffer, MessageHub, print_log
+from mmengine.logging import HistoryBuffer, MessageHub, MMLogger, print_log
 from mmengine.model import MMDistributedDataParallel as _MMDistributedDataParallel
 from mmengine.optim import OptimWrapper as _MMOptimWrapper
 from mmengine.optim import OptimWrapperDict as _MMOptimWrapperDict
@@ -70,7 +75,7 @@ from mmengine.registry import Registry
 from mmengine.runner.checkpoint import CheckpointLoader as _MMCheckpointLoader
 from torch import Tensor, nn
 
-from hwoptim import _extensions
+from hwoptim import _extensions, _warn
 from hwoptim.amp import AmpOptimWrapper
 from hwoptim.backends import get_backend
 from hwoptim.build import build_optim_wrapper, resolve_optimizer_type
@@ -103,7 +108,7 @@ SCOPE = "hwoptim"
 if not isinstance(_MMOptimWrapper, ABCMeta):  # pragma: no cover - mmengine 0.10 has it
     raise ImportError(
         "mmengine.optim.OptimWrapper is not an ABC in this mmengine version, so hwoptim's "
-        "wrappers cannot pass its isinstance checks; use mmengine-lite 0.10"
+        "wrappers cannot pass its isinstance checks; use mmengine 0.10"
     )
 _MMOptimWrapper.register(OptimWrapper)
 _MMOptimWrapperDict.register(OptimWrapperDict)
@@ -357,6 +362,7 @@ class _LogAfterStep:
         self.loss_scale_key = "train/loss_scale"
         self.item_loss_key = "train/item_loss"
         self.handle: Any = None  # the optimizer's handle, to remove this hook
+        self.stepped = False  # whether the optimizer has stepped since the wrapper joined
 
     def name(self, name: str) -> None:
         """Log under ``train/<name>.grad_norm`` (a member of an OptimWrapperDict)."""
@@ -368,6 +374,11 @@ class _LogAfterStep:
         wrapper = self._wrapper()
         if wrapper is None:
             return
+        # once per wrapper, a look at the Runner that drives it; not inside a compiled
+        # update (compile_step): dynamo cannot trace the walk up the stack
+        if not self.stepped and not torch.compiler.is_compiling():
+            self.stepped = True
+            _check_the_runners_dict(wrapper)
         norm = wrapper.last_grad_norm
         scale = wrapper.loss_scale
         # None unless this update's window gave num_items. The attribute, not the property:
@@ -437,6 +448,85 @@ def _placement_advice() -> str:
 
 
 _extensions.subscribe(__name__, on_new_wrapper=join, placement_advice=_placement_advice)
+
+
+# -- what mmengine code reads of a wrapper: its log, message_hub, the Runner's dict ----------
+
+def _log_warning(message: str, category: type[Warning]) -> None:
+    """hwoptim's warnings in mmengine's current logger too, where mmengine's wrapper logs its
+    own (print_log to the "current" logger): under a Runner they reach the run's log file.
+
+    Nothing is logged before a logger exists (no Runner): the Python warning is all there
+    is, and mmengine would make a console logger just for this line.
+    """
+    if MMLogger._instance_dict:  # ManagerMixin's own registry of the made instances
+        print_log(f"hwoptim: {message}", logger="current", level=logging.WARNING)
+
+
+_warn.subscribe(__name__, _log_warning)
+
+
+def _message_hub(wrapper: OptimWrapper) -> Any:
+    """mmengine's current MessageHub: the one this wrapper's values go to at its next update.
+
+    mmengine's wrapper keeps the hub that was current when it was built; hwoptim writes
+    to the hub that is current at each update, and this attribute says which one that is.
+    """
+    return MessageHub.get_current_instance()
+
+
+def _no_message_hub(wrappers: OptimWrapperDict) -> Any:
+    """mmengine's OptimWrapperDict has no message_hub either: the members have one each."""
+    raise AttributeError("an OptimWrapperDict has no message_hub; use wrappers[name].message_hub")
+
+
+#: mmengine's OptimWrapper.message_hub, on hwoptim's classes while mmengine is imported
+OptimWrapper.message_hub = property(_message_hub)  # type: ignore[attr-defined]
+OptimWrapperDict.message_hub = property(_no_message_hub)  # type: ignore[attr-defined]
+
+#: the mmengine OptimWrapperDicts already warned about (a warning once per Runner's dict)
+_warned_dicts: weakref.WeakSet[Any] = globals().get("_warned_dicts", weakref.WeakSet())
+
+
+def _driving_runner() -> Any:
+    """The Runner whose train loop is on the call stack (None outside one)."""
+    runner_module = sys.modules.get("mmengine.runner")
+    if runner_module is None:  # no Runner can be running
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        loop = frame.f_locals.get("self")
+        if isinstance(loop, runner_module.BaseLoop):
+            return loop.runner
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _check_the_runners_dict(wrapper: OptimWrapper) -> None:
+    """Warn when ``wrapper`` is in mmengine's own OptimWrapperDict under a Runner.
+
+    Given ``optim_wrapper=dict(name=wrapper, ...)`` of built wrappers, mmengine's Runner
+    wraps them in its own OptimWrapperDict (its runner module holds mmengine's class), which
+    passes neither the training length nor the names on: hwoptim's dict does. Called at a
+    wrapper's first optimizer step (the stack is walked once per wrapper).
+    """
+    runner = _driving_runner()
+    held = getattr(runner, "optim_wrapper", None)
+    if held is None or isinstance(held, OptimWrapperDict) or not isinstance(held, _MMOptimWrapperDict):
+        return
+    if held in _warned_dicts or not any(member is wrapper for member in held.values()):
+        return
+    _warned_dicts.add(held)
+    names = [name for name, member in held.items() if isinstance(member, OptimWrapper)]
+    listed = ", ".join(f"{name}=..." for name in names)
+    _warn.warn(
+        f"mmengine's Runner holds hwoptim's wrappers {names} in mmengine's own "
+        "OptimWrapperDict (it builds one when optim_wrapper is a dict of built wrappers): "
+        "its initialize_count_status does nothing, so the last partial accumulation "
+        "window of training will not step, and every member logs under the same "
+        "train/grad_norm and train/loss_scale keys. Give the Runner hwoptim's dict: "
+        f"optim_wrapper=hwoptim.OptimWrapperDict({listed})"
+    )
 
 
 # -- item-weighted accumulation: num_items from the model's losses ---------------------------

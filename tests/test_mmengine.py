@@ -8,9 +8,11 @@ does for the same config, or with an uninterrupted run. Nothing of mmengine is p
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -751,3 +753,156 @@ def test_a_copied_wrapper_logs_to_the_message_hub_under_its_names(how):
         wrapper2["a"].step()
     assert len(hub.get_scalar("train/a.grad_norm").data[0]) == 2
     assert isinstance(wrapper2, mm_optim.OptimWrapperDict)
+
+
+# -- what mmengine code reads of a wrapper: its log, message_hub, the Runner's dict ----------
+
+
+def test_hwoptims_warnings_reach_mmengines_current_logger():
+    """mmengine's own test_initialize_iter_status: one logger record per warning."""
+    import unittest
+
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_instance(f"hwoptim-test-{uuid.uuid4().hex[:8]}")  # now the current one
+    model = torch.nn.Linear(2, 2)
+    wrapper = hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=3)
+    case = unittest.TestCase()
+    with case.assertLogs(logger, "WARNING") as logged, pytest.warns(UserWarning, match="Resumed iteration") as warned:
+        wrapper.initialize_count_status(model, 2, 100)
+    assert [r.getMessage() for r in logged.records] == [f"hwoptim: {warned[0].message}"]
+    assert warned[0].filename == __file__  # the Python warning still points at this line
+    with case.assertLogs(logger, "WARNING") as logged, pytest.warns(UserWarning, match="BatchNorm"):
+        wrapper.initialize_count_status(torch.nn.BatchNorm1d(2), 0, 99)
+    assert len(logged.records) == 1 and "Gradient accumulative" in logged.records[0].getMessage()
+
+
+def test_a_warning_turned_into_an_error_is_not_logged():
+    from mmengine.logging import MMLogger
+
+    MMLogger.get_instance(f"hwoptim-test-{uuid.uuid4().hex[:8]}")
+    heard: list[str] = []
+    hwoptim._warn.subscribe("test", lambda message, category: heard.append(message))
+    try:
+        wrapper = hwoptim.OptimWrapper(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1),
+                                       accumulative_counts=3)
+        with pytest.warns(UserWarning, match="Resumed"):
+            wrapper.initialize_count_status(None, 1, 10)
+        assert len(heard) == 1 and heard[0].startswith("Resumed iteration number 1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UserWarning, match="Resumed"):
+                wrapper.initialize_count_status(None, 1, 10)
+        assert len(heard) == 1  # raised before the subscribers heard of it
+    finally:
+        hwoptim._warn.unsubscribe("test")
+
+
+def test_the_wrappers_have_mmengines_message_hub():
+    """mmengine's own test_init: the hub current when the wrapper is made, where it logs."""
+    hub = MessageHub.get_instance(f"hwoptim-test-{uuid.uuid4().hex[:8]}")
+    model = torch.nn.Linear(2, 2)
+    wrapper = hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), clip_grad=dict(max_norm=1.0))
+    assert wrapper.message_hub is hub
+    wrapper.update_params(model(torch.ones(1, 2)).sum())
+    assert "train/grad_norm" in hub.log_scalars
+    with pytest.raises(AttributeError, match=r"wrappers\[name\].message_hub"):  # as in mmengine: none
+        hwoptim.OptimWrapperDict(a=wrapper).message_hub  # noqa: B018
+
+
+def _gan_wrappers(model: Any) -> dict[str, Any]:
+    return dict(
+        generator=hwoptim.OptimWrapper(torch.optim.Adam(model.generator.parameters(), lr=1e-3)),
+        discriminator=hwoptim.OptimWrapper(torch.optim.SGD(model.discriminator.parameters(), lr=0.01),
+                                           accumulative_counts=3, clip_grad=dict(max_norm=1.0)),
+    )
+
+
+def test_the_runner_warns_in_its_log_when_it_wraps_hwoptims_wrappers_in_mmengines_dict(tmp_path):
+    """Given a dict of built wrappers, mmengine's Runner makes its own OptimWrapperDict
+    (mmengine's test_build_optim_wrapper): the run says so, in its log file too."""
+    model = GAN()
+    with pytest.warns(UserWarning, match="mmengine's own OptimWrapperDict") as warned:
+        runner = train(tmp_path, model=model, optim_wrapper=_gan_wrappers(model), log_level="WARNING")
+    assert type(runner.optim_wrapper) is mm_optim.OptimWrapperDict
+    about_the_dict = [str(w.message) for w in warned if "mmengine's own OptimWrapperDict" in str(w.message)]
+    assert len(about_the_dict) == 1  # once per dict, though both members step
+    assert "optim_wrapper=hwoptim.OptimWrapperDict(generator=..., discriminator=...)" in about_the_dict[0]
+    log = next(tmp_path.glob("*/*.log")).read_text()
+    assert "hwoptim: mmengine's Runner holds hwoptim's wrappers ['generator', 'discriminator']" in log
+    # the windows' end never reached the members: the unknown-end warning, in the log too
+    assert "hwoptim: accumulating gradients over 3 micro-batches without initialize_count_status" in log
+
+    # hwoptim's dict, given as it is: the Runner keeps it, and its counts reach the members
+    model = GAN()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner = train(tmp_path / "dict", model=model, log_level="WARNING",
+                       optim_wrapper=hwoptim.OptimWrapperDict(**_gan_wrappers(model)))
+    assert type(runner.optim_wrapper) is hwoptim.OptimWrapperDict
+    assert runner.optim_wrapper["discriminator"]._window.max_counts == ITERS
+    assert "train/discriminator.grad_norm" in runner.message_hub.log_scalars
+
+
+def test_the_extras_never_install_a_second_mmengine():
+    """Full mmengine and mmengine-lite both install the package "mmengine": an extra naming
+    lite adds a second copy to every OpenMMLab project, which has full mmengine."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python >= 3.11")
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    names = {
+        extra: {re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower() for req in reqs}
+        for extra, reqs in pyproject["project"]["optional-dependencies"].items()
+    }
+    for extra in ("mmengine", "test"):
+        assert "mmengine" in names[extra], extra
+    for extra, reqs in names.items():
+        assert "mmengine-lite" not in reqs, extra
+        # full mmengine requires opencv-python: a headless one beside it is a second cv2
+        assert not ("mmengine" in reqs and "opencv-python-headless" in reqs), extra
+
+
+def _base_config(tmp_path: Path) -> None:
+    (tmp_path / "base.py").write_text(
+        'custom_imports = dict(imports=["_mmengine_worker"])\n'
+        'model = dict(type="HwoptimTestNet")\n'
+        'train_dataloader = dict(dataset=dict(type="HwoptimTestData"), batch_size=4,\n'
+        '    sampler=dict(type="DefaultSampler", shuffle=False), collate_fn=dict(type="default_collate"))\n'
+        f'train_cfg = dict(by_epoch=False, max_iters={ITERS})\n'
+        'optim_wrapper = dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=0.1))\n'
+        'default_hooks = dict(logger=None, checkpoint=None)\n'
+        'log_level = "ERROR"\n'
+    )
+
+
+def test_a_config_with_base_and_the_scoped_name(tmp_path):
+    """The form docs/migrating-from-mmengine.md gives for configs with _base_: it inherits."""
+    from mmengine.config import Config
+
+    _base_config(tmp_path)
+    (tmp_path / "config.py").write_text(
+        '_base_ = ["./base.py"]\n'
+        'custom_imports = dict(imports=["hwoptim.mmengine", "_mmengine_worker"])\n'
+        'optim_wrapper = dict(type="hwoptim.AmpOptimWrapper", dtype="bfloat16", device="cpu")\n'
+        f'work_dir = {str(tmp_path / "work")!r}\n'
+        f'experiment_name = "cfg-{uuid.uuid4().hex[:8]}"\n'
+    )
+    runner = Runner.from_cfg(Config.fromfile(str(tmp_path / "config.py")))
+    runner.train()
+    assert type(runner.optim_wrapper) is hwoptim.AmpOptimWrapper
+    assert runner.optim_wrapper.defaults["lr"] == 0.1  # the base's optimizer, merged
+    assert set(runner.model.forward_dtypes) == {torch.bfloat16}
+
+
+def test_a_python_config_that_imports_hwoptim_cannot_take_base(tmp_path):
+    """Why the doc says so: a top-level import makes mmengine read the file as a lazy-import
+    config, which refuses _base_ (its inheritance is read_base())."""
+    from mmengine.config import Config
+
+    _base_config(tmp_path)
+    (tmp_path / "config.py").write_text(
+        "import hwoptim\n"
+        '_base_ = ["./base.py"]\n'
+        "optim_wrapper = dict(type=hwoptim.AmpOptimWrapper, dtype='bfloat16', device='cpu')\n"
+    )
+    with pytest.raises(Exception, match="_base_"):
+        Config.fromfile(str(tmp_path / "config.py"))
