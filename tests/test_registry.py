@@ -281,3 +281,37 @@ def test_every_lookup_ignores_case(fresh_registry: None, monkeypatch: pytest.Mon
         assert mock.name == "npu" and get_backend("auto").name == "npu"
     assert unregister_backend("MyDev") is MyDev
     assert "mydev" not in list_backends()
+
+
+# -- two backends claiming one device type ------------------------------------------------------
+
+
+def _claimants(first: int, second: int) -> tuple[type[Backend], type[Backend]]:
+    """Two available backends, registered in this order, both for torch's "ipu" device type
+    (a type torch knows and no built-in claims), with these priorities."""
+    made = []
+    for name, priority in (("ipu-a", first), ("ipu-b", second)):
+        cls = type(
+            name.replace("-", "_"), (Backend,),
+            {"name": name, "device_type": "ipu", "priority": priority,
+             "is_available": lambda self: True, "device_count": lambda self: 1},
+        )
+        register_backend(cls)
+        made.append(cls)
+    return made[0], made[1]
+
+
+@pytest.mark.parametrize(("first", "second"), [(1, 2), (2, 1)])
+def test_of_two_backends_for_one_device_type_the_higher_priority_is_taken(
+    fresh_registry: None, monkeypatch: pytest.MonkeyPatch, first: int, second: int
+) -> None:
+    """Whichever was registered first: a torch.device, the device type's name and "auto"
+    (by the priority order, and as torch's current accelerator) all take priority 2."""
+    a, b = _claimants(first, second)
+    higher = a if first > second else b
+    assert type(get_backend(torch.device("ipu"))) is higher
+    assert type(get_backend(torch.device("ipu", 0))) is higher
+    assert type(get_backend("ipu")) is higher
+    assert type(get_backend("auto")) is higher  # no accelerator on this machine: by priority
+    monkeypatch.setattr(registry, "_current_accelerator", lambda: "ipu")
+    assert type(get_backend("auto")) is higher
