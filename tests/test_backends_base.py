@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 
-from hwoptim import Backend, get_backend, register_backend
+from hwoptim import AmpOptimWrapper, Backend, get_backend, register_backend
 from hwoptim.backends import registry
 from hwoptim.backends.cpu import CpuBackend
 from hwoptim.backends.cuda import CudaBackend
+from hwoptim.testing import mock_backend
 
 
 @pytest.fixture
@@ -52,6 +56,37 @@ def test_cpu_autocast_and_scaler():
     scaler = cpu.grad_scaler(init_scale=4.0)
     assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
     assert scaler.state_dict()["scale"] == 4.0
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda", "npu", "xpu", "mps"])
+def test_float32_switches_autocast_off_by_the_backends_own_decision(name, monkeypatch):
+    """float32 means full precision, so the backend itself asks torch for a disabled
+    autocast. Torch would switch float32 off on its own on the CPU and where a device lacks
+    the dtype, with a warning at every forward, but on CUDA it would autocast to float32
+    (a float64 input then computes in float32). Each backend runs its own code (mocked
+    hardware, tensors on the CPU); torch.autocast is watched to see what it is asked."""
+    asked = []
+    real = torch.autocast
+
+    def watched(device_type, dtype=None, enabled=True, cache_enabled=None):
+        asked.append((dtype, enabled))
+        return real(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+    model = torch.nn.Linear(4, 2)
+    mock = contextlib.nullcontext() if name == "cpu" else mock_backend(name)
+    with mock, warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "Disabling autocast" warning included
+        backend = get_backend(name)
+        wrapper = AmpOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), device=name, dtype="float32")
+        monkeypatch.setattr(torch, "autocast", watched)
+        with backend.autocast(torch.float32):
+            assert not torch.is_autocast_enabled("cpu")
+        with wrapper.optim_context(model):
+            assert not torch.is_autocast_enabled("cpu")
+            assert model(torch.randn(2, 4)).dtype is torch.float32
+        with backend.autocast(torch.float16):  # the other dtypes are left on
+            assert torch.is_autocast_enabled("cpu")
+    assert asked == [(torch.float32, False), (torch.float32, False), (torch.float16, True)]
 
 
 def test_describe_is_plain_data():
