@@ -465,6 +465,41 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(backend: Any) -
     _assert_close(eager, compiled)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw-foreach", "adamw-fused"])
+def test_a_compile_failing_in_the_first_update_is_undone_before_it_runs_eagerly(optimizer: str) -> None:
+    """The compiler gives up on the first update after its clip and guard already ran (the
+    first graph), before the optimizer's step (the second graph): the eager re-run must
+    start from the gradients and counts as they were, or it clips twice and guards an
+    update the first pass already zeroed. The first window holds the inf; the second's
+    norm is above max_norm. Everything equals the eager run exactly."""
+    def run(compile_step: Any) -> tuple[nn.Module, hwoptim.OptimWrapper, list[torch.Tensor]]:
+        model = _model()
+        wrapper = _wrapper(model, optimizer, compile_step)
+        batches = _batches(STEPS, inf_at=1)
+        wrapper.initialize_count_status(model, 0, len(batches))
+        norms = []
+        for x, y in batches:
+            with wrapper.optim_context(model):
+                loss = nn.functional.mse_loss(model(x), y) * 10
+            wrapper.update_params(loss)
+            if wrapper._inner_count % 2 == 0:  # an update ran
+                norms.append(wrapper.last_grad_norm.clone())
+        return model, wrapper, norms
+
+    eager = run(False)
+    with pytest.warns(RuntimeWarning, match="could not compile the update"):
+        compiled = run({"backend": _fails_on_the_second_graph()})
+    assert not compiled[1]._compiled.compiled
+    assert not torch.isfinite(eager[2][0]) and eager[2][1] > NORM["max_norm"]
+    for got, want in zip(compiled[2], eager[2]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    for counter in ("skipped_steps", "zeroed_steps"):
+        assert getattr(compiled[1], counter).item() == getattr(eager[1], counter).item(), counter
+    assert _bad_updates(compiled[1]) == 1
+    for p, q in zip(eager[0].parameters(), compiled[0].parameters()):
+        assert torch.equal(q, p)
+
+
 def test_an_error_of_the_update_itself_is_raised_and_compiling_is_not_given_up() -> None:
     model = _model()
     wrapper = _wrapper(model, "adamw-foreach", EAGER_BACKEND, acc=1)
