@@ -395,6 +395,63 @@ def test_no_graph_break_is_in_hwoptims_code(optimizer: str, clip: Any, exact_ski
         assert package not in innermost.parents, f"{reason.reason} at {innermost}"
 
 
+def _counting_backend() -> tuple[Callable[..., Any], list[int]]:
+    """A backend running each graph as given, counting the calls of the compiled graphs."""
+    calls = [0]
+
+    def backend(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+        def run(*args: Any) -> Any:
+            calls[0] += 1
+            return gm.forward(*args)
+
+        return run
+
+    return backend, calls
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw-fused"])
+def test_every_update_runs_the_compiled_graphs_and_says_so(optimizer: str) -> None:
+    """Not only the first update: each one calls the compiled graphs (as many as the first),
+    and the wrapper's repr and ``compiled`` say compiled."""
+    backend, calls = _counting_backend()
+    model = _model()
+    wrapper = _wrapper(model, optimizer, {"backend": backend}, acc=1)
+    wrapper.initialize_count_status(model, 0, 5)
+    per_update = []
+    for x, y in _batches(5, inf_at=2):
+        before = calls[0]
+        with wrapper.optim_context(model):
+            loss = nn.functional.mse_loss(model(x), y)
+        wrapper.update_params(loss)
+        per_update.append(calls[0] - before)
+    assert per_update[0] > 0 and per_update == [per_update[0]] * 5, per_update
+    assert wrapper._compiled.compiled and "uncompiled" not in repr(wrapper)
+    assert _bad_updates(wrapper) == 1
+
+
+def test_after_a_fallback_no_compiled_graph_runs_and_the_repr_says_uncompiled() -> None:
+    backend, calls = _counting_backend()
+    failing = _fails_on_the_second_graph()
+
+    def first_graph_counted(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+        failing(gm, inputs)  # raises on the second graph
+        return backend(gm, inputs)
+
+    model = _model()
+    wrapper = _wrapper(model, "sgd", {"backend": first_graph_counted}, acc=1)
+    wrapper.initialize_count_status(model, 0, 4)
+    seen = []
+    with pytest.warns(RuntimeWarning, match="could not compile the update"):
+        for x, y in _batches(4, inf_at=None):
+            with wrapper.optim_context(model):
+                loss = nn.functional.mse_loss(model(x), y)
+            wrapper.update_params(loss)
+            seen.append(calls[0])
+    assert not wrapper._compiled.compiled
+    assert seen[0] == 1 and seen == [1] * 4  # the first graph once, then uncompiled
+    assert "compile_step={'backend': " in repr(wrapper) and "# uncompiled: " in repr(wrapper)
+
+
 # -- a user's own compiled code ----------------------------------------------------------------
 
 
