@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import io
 import shutil
+import sys
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +34,18 @@ INF_AT = 2  # this micro-batch gets an inf input: the second update is skipped
 @pytest.fixture(autouse=True)
 def fresh_dynamo() -> Iterator[None]:
     """Each test starts with no compiled code and zeroed counters (recompiles are counted
-    per function, across wrappers: one test's compiles must not count in the next)."""
+    per function, across wrappers: one test's compiles must not count in the next).
+
+    Where an earlier test imported mmengine, every wrapper logs each update's norm to
+    mmengine's current MessageHub (hwoptim.mmengine), a process-wide object: its buffer
+    folds its queue every 256 updates, and that fold, traced inside a user's compiled
+    train step, is one more graph. How full the buffer is depends on which tests ran
+    before, so each test logs to a fresh hub of its own.
+    """
+    if "mmengine" in sys.modules:
+        from mmengine.logging import MessageHub
+
+        MessageHub.get_instance(f"test_compile-{uuid.uuid4().hex}")  # now the current one
     torch._dynamo.reset()
     counters.clear()
     yield
