@@ -628,3 +628,27 @@ def test_mmengine_logging_sees_each_compiled_update_and_compiles_nothing_more() 
     compiled = logged(EAGER_BACKEND, "test_compile_compiled")
     assert len(compiled) == len(eager) == 8
     assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+# -- what mutation testing found unchecked (docs/contributing.md) --------------------------------
+
+
+def test_the_fallback_names_the_compilers_error_and_its_root_cause() -> None:
+    from hwoptim.compile import _describe
+
+    with pytest.warns(RuntimeWarning, match="could not compile the update"):
+        _, wrapper = _run("sgd", {"backend": _fails_on_the_second_graph()})
+    reason = wrapper._compiled.reason
+    assert reason is not None and reason.endswith(", caused by RuntimeError: internal compiler error")
+    assert reason.startswith("BackendCompilerFailed, caused by ")  # the compiler's own error first
+    assert _describe(RuntimeError("first line\nsecond")) == "RuntimeError: first line"
+    assert _describe(RuntimeError()) == "RuntimeError"
+
+
+def test_a_copy_of_a_fallen_back_wrapper_stays_uncompiled_and_says_why() -> None:
+    with pytest.warns(RuntimeWarning, match="could not compile the update"):
+        _, wrapper = _run("sgd", {"backend": _broken_backend})
+    twin = copy.deepcopy(wrapper)
+    assert twin._compiled.reason == wrapper._compiled.reason is not None
+    assert twin._compiled.owner == "OptimWrapper" and not twin._compiled.compiled
+    assert "# uncompiled: " in repr(twin)
