@@ -175,6 +175,24 @@ def _fsdp2_accumulation(
     }
 
 
+def _fsdp2_error_inside_no_sync(rank: int) -> dict[str, Any]:
+    """A user's error inside ``Backend.no_sync()`` (called directly, not by the wrapper):
+    the next backward outside it must reduce-scatter again, for every shard."""
+    model = fsdp2_model()
+    with counting_reduce_scatter() as calls:
+        x, y = batch(0, rank)
+        try:
+            with get_backend("cpu").no_sync(model):
+                loss_fn(model(x), y).backward()
+                raise RuntimeError("the user's error inside the skip")
+        except RuntimeError:
+            pass
+        skipped = calls[0]
+        x, y = batch(1, rank)
+        loss_fn(model(x), y).backward()
+    return {"inside": skipped, "after_error": calls[0] - skipped}
+
+
 def _train_items(
     wrapper: OptimWrapper, model: Any, rank: int, as_int: bool,
     grad_collectives: Callable[[], int], all_reduces: list[int], one_element: bool = False,
@@ -463,6 +481,7 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "fsdp2_inside": lambda rank, _: _fsdp2_accumulation(rank, "inside"),
     "fsdp2_submodules": lambda rank, _: _fsdp2_accumulation(rank, "mmengine", shard_root=False),
     "fsdp2_compiled": lambda rank, _: _fsdp2_accumulation(rank, "mmengine", compiled=True),
+    "fsdp2_error_inside_no_sync": lambda rank, _: _fsdp2_error_inside_no_sync(rank),
     "fsdp2_fp16_sharded_scaler": lambda rank, _: _fsdp2_fp16_sharded_scaler(rank),
     "fsdp2_fused_overflow": lambda rank, _: _fsdp2_fused_overflow(rank),
     "ddp_num_items": lambda rank, _: _ddp_num_items(rank),

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 
-from hwoptim import Backend, get_backend, register_backend
+from hwoptim import AmpOptimWrapper, Backend, get_backend, register_backend
 from hwoptim.backends import registry
 from hwoptim.backends.cpu import CpuBackend
 from hwoptim.backends.cuda import CudaBackend
+from hwoptim.testing import mock_backend
 
 
 @pytest.fixture
@@ -52,6 +56,37 @@ def test_cpu_autocast_and_scaler():
     scaler = cpu.grad_scaler(init_scale=4.0)
     assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
     assert scaler.state_dict()["scale"] == 4.0
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda", "npu", "xpu", "mps"])
+def test_float32_switches_autocast_off_by_the_backends_own_decision(name, monkeypatch):
+    """float32 means full precision, so the backend itself asks torch for a disabled
+    autocast. Torch would switch float32 off on its own on the CPU and where a device lacks
+    the dtype, with a warning at every forward, but on CUDA it would autocast to float32
+    (a float64 input then computes in float32). Each backend runs its own code (mocked
+    hardware, tensors on the CPU); torch.autocast is watched to see what it is asked."""
+    asked = []
+    real = torch.autocast
+
+    def watched(device_type, dtype=None, enabled=True, cache_enabled=None):
+        asked.append((dtype, enabled))
+        return real(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+    model = torch.nn.Linear(4, 2)
+    mock = contextlib.nullcontext() if name == "cpu" else mock_backend(name)
+    with mock, warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "Disabling autocast" warning included
+        backend = get_backend(name)
+        wrapper = AmpOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), device=name, dtype="float32")
+        monkeypatch.setattr(torch, "autocast", watched)
+        with backend.autocast(torch.float32):
+            assert not torch.is_autocast_enabled("cpu")
+        with wrapper.optim_context(model):
+            assert not torch.is_autocast_enabled("cpu")
+            assert model(torch.randn(2, 4)).dtype is torch.float32
+        with backend.autocast(torch.float16):  # the other dtypes are left on
+            assert torch.is_autocast_enabled("cpu")
+    assert asked == [(torch.float32, False), (torch.float32, False), (torch.float16, True)]
 
 
 def test_describe_is_plain_data():
@@ -217,3 +252,118 @@ def test_a_backend_with_its_own_no_sync_is_asked_even_for_a_plain_looking_model(
             loss = model(torch.ones(1, 2)).float().sum()
         wrapper.update_params(loss)
     assert entered == [model, model]  # the two micro-batches that do not update
+
+
+# -- what mutation testing found unchecked (docs/contributing.md) --------------------------------
+
+
+class _Probe(Backend):
+    """A backend over a stand-in device module (never registered)."""
+
+    name = "probe"
+    device_type = "cuda"  # a type torch knows, for torch.device()
+    install_hint = "pip install probe"
+    no_device_hint = ""
+
+    def __init__(self, index=None, module=None):
+        super().__init__(index)
+        self.module = module
+
+    def _module(self):
+        return self.module
+
+
+class _Devices:
+    """A device module with 3 devices, device 2 current."""
+
+    def __init__(self, names=True):
+        if names:
+            self.get_device_name = lambda i: f"card {i}"
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return 3
+
+    def current_device(self):
+        return 2
+
+
+def test_device_takes_the_index_asked_for_then_the_backends_then_the_current_one():
+    assert _Probe(None, _Devices()).device() == torch.device("cuda", 2)
+    assert _Probe(1, _Devices()).device() == torch.device("cuda", 1)
+    assert _Probe(1, _Devices()).device(0) == torch.device("cuda", 0)
+    assert _Probe(None, _Devices()).device(1) == torch.device("cuda", 1)
+
+
+def test_a_mocked_backend_places_on_the_cpu_without_an_index():
+    with mock_backend("npu", device_count=2):
+        assert get_backend("npu:1").device() == torch.device("cpu")
+
+
+def test_device_name_by_index_and_without_a_name_the_device_type():
+    assert _Probe(None, _Devices()).device_name() == "card 0"
+    assert _Probe(None, _Devices()).device_name(2) == "card 2"
+    assert _Probe(None, _Devices(names=False)).device_name(1) == "cuda"
+
+
+def test_describe_of_an_available_backend_in_full():
+    assert _Probe(None, _Devices()).describe() == {
+        "name": "probe", "device_type": "cuda", "available": True, "reason": None,
+        "device_count": 3, "devices": ["card 0", "card 1", "card 2"],
+        "amp_dtypes": ["float16", "bfloat16", "float32"], "default_dtype": "float16",
+        "dist_backend": "gloo", "priority": 0, "versions": {},
+    }
+
+
+def test_describe_reports_a_raising_check_and_a_raising_version_lookup():
+    class Raising(_Probe):
+        def is_available(self):
+            raise RuntimeError("driver gone")
+
+    facts = Raising(None, _Devices()).describe()
+    assert facts["available"] is False and facts["device_count"] == 0 and facts["devices"] == []
+    assert facts["reason"] == "is_available() raised RuntimeError: driver gone"
+
+    class Versionless(_Probe):
+        def vendor_versions(self):
+            raise OSError("no version file")
+
+    facts = Versionless(None, _Devices()).describe()
+    assert facts["versions"] == {"error": "OSError('no version file')"}
+
+
+def test_unavailable_reason_says_what_to_install_or_check():
+    assert _Probe(None, None).unavailable_reason() == (
+        "no probe device is visible to this process; pip install probe"
+    )
+
+    class Hinted(_Probe):
+        install_hint = ""
+        no_device_hint = "check probe-smi"
+
+    assert Hinted(None, None).unavailable_reason() == (
+        "no probe device is visible to this process (check probe-smi)"
+    )
+
+    class Bare(_Probe):
+        install_hint = ""
+
+    assert Bare(None, None).unavailable_reason() == "no probe device is visible to this process"
+
+
+def test_manual_seed_seeds_all_devices_or_the_one_module_seed():
+    seeded = []
+
+    class One:
+        def manual_seed(self, seed):
+            seeded.append(("one", seed))
+
+    class All(One):
+        def manual_seed_all(self, seed):
+            seeded.append(("all", seed))
+
+    _Probe(None, One()).manual_seed(3)
+    _Probe(None, All()).manual_seed(4)
+    assert seeded == [("one", 3), ("all", 4)]

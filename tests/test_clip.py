@@ -225,3 +225,97 @@ def test_the_agreed_norm_is_nan_only_where_another_rank_was_not_finite(monkeypat
     others_bad[0] = 1.0
     assert math.isnan(float(agree(torch.tensor(3.0), mesh)))
     assert float(agree(torch.tensor(math.inf), mesh)) == math.inf  # its own inf stays
+
+
+# -- what mutation testing found unchecked (docs/contributing.md) --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cfg", "error", "message"),
+    [
+        (5, TypeError, "clip_grad must be a dict such as dict(max_norm=1.0) or "
+         "dict(type='value', clip_value=0.5); got int"),
+        (dict(max_norm=1, clip_value=2), ValueError,
+         "clip_grad type 'norm' does not take 'clip_value'; it takes error_if_nonfinite, "
+         "foreach, max_norm, norm_type"),
+        (dict(type="value", clip_value=1, max_norm=1, norm_type=2), ValueError,
+         "clip_grad type 'value' does not take 'max_norm', 'norm_type'; it takes clip_value, foreach"),
+        (dict(max_norm=-1), ValueError, "clip_grad 'norm': max_norm must be"),
+        (dict(max_norm=1, norm_type=0), ValueError, "clip_grad 'norm': norm_type must be"),
+        (dict(max_norm=1, error_if_nonfinite=1), TypeError,
+         "clip_grad 'norm': error_if_nonfinite must be True or False; got 1"),
+        (dict(max_norm=1, foreach=1), TypeError, "clip_grad 'norm': foreach must be True, False or None; got 1"),
+        (dict(type="value", clip_value=-1), ValueError, "clip_grad 'value': clip_value must be"),
+    ],
+)
+def test_a_bad_config_is_named_in_full(cfg, error, message):
+    """The message names the clip type, the key and every key that type takes."""
+    with pytest.raises(error) as caught:
+        ClipGrad(cfg)
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_parse_clip_grad_validates_a_dict_into_a_clip_grad():
+    clip = parse_clip_grad(dict(type="value", clip_value=2))
+    assert isinstance(clip, ClipGrad) and clip.kwargs == {"clip_value": 2.0}
+
+
+def test_repr_of_a_norm_config_lists_its_arguments():
+    assert repr(ClipGrad(dict(max_norm=1, norm_type=1, foreach=True))) == (
+        "dict(type='norm', max_norm=1.0, norm_type=1.0, foreach=True)"
+    )
+
+
+@pytest.mark.parametrize("kind", ["norm", "value"])
+def test_without_gradients_the_norm_is_a_zero_scalar(kind):
+    cfg = dict(max_norm=1.0) if kind == "norm" else dict(type="value", clip_value=1.0)
+    norm = ClipGrad(cfg).clip_fn()([torch.nn.Parameter(torch.zeros(2))])
+    assert norm.shape == () and norm.dtype == torch.float32 and norm.item() == 0.0
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_value_clipping_an_inf_gradient_measures_it_and_never_raises(foreach):
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([math.inf, 1.0])
+    norm = ClipGrad(dict(type="value", clip_value=0.5, foreach=foreach)).clip_fn()([p])
+    assert norm.item() == math.inf
+    assert p.grad.tolist() == [0.5, 0.5]
+
+
+class _OwnClip(torch.nn.Module):
+    """An FSDP1-like module: clips through its own clip_grad_norm_, which returns ``norm``."""
+
+    def __init__(self, norm: float) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def clip_grad_norm_(self, max_norm, norm_type):
+        return torch.tensor(self.norm)
+
+
+@pytest.mark.parametrize("norm", [math.inf, math.nan])
+def test_a_modules_own_clip_raises_on_a_nonfinite_norm_only_when_asked(norm):
+    assert not math.isfinite(ClipGrad(dict(max_norm=1.0)).clip_fn(_OwnClip(norm))([]).item())
+    asked = ClipGrad(dict(max_norm=1.0, error_if_nonfinite=True))
+    assert not math.isfinite(asked.clip_fn(_OwnClip(norm), scaled=True)([]).item())
+    message = (
+        r"the total gradient norm is non-finite \((inf|nan)\), so it cannot be clipped; pass clip_grad "
+        r"error_if_nonfinite=False to have such steps skipped or zeroed instead$"
+    )
+    with pytest.raises(RuntimeError, match=message):
+        asked.clip_fn(_OwnClip(norm))([])
+    assert asked.clip_fn(_OwnClip(3.0))([]).item() == 3.0  # a finite norm never raises
+
+
+def test_before_torch_2_6_the_norm_by_hand_of_nothing_is_zero_and_raises_only_when_asked(monkeypatch):
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
+    from hwoptim.clip import _total_norm_fn
+
+    total_norm = _total_norm_fn()
+    zero = total_norm([], 2.0, False, None)
+    assert zero.shape == () and zero.item() == 0.0
+    assert total_norm([torch.tensor([math.inf])], 2.0, False, None).item() == math.inf
+    message = r"non-finite \(inf\), so it cannot be clipped; pass clip_grad error_if_nonfinite=False"
+    with pytest.raises(RuntimeError, match=message):
+        total_norm([torch.tensor([math.inf])], 2.0, True, None)
+    assert total_norm([torch.tensor([3.0, 4.0])], 2.0, True, None).item() == 5.0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import io
 import shutil
+import sys
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +35,18 @@ INF_AT = 2  # this micro-batch gets an inf input: the second update is skipped
 @pytest.fixture(autouse=True)
 def fresh_dynamo() -> Iterator[None]:
     """Each test starts with no compiled code and zeroed counters (recompiles are counted
-    per function, across wrappers: one test's compiles must not count in the next)."""
+    per function, across wrappers: one test's compiles must not count in the next).
+
+    Where an earlier test imported mmengine, every wrapper logs each update's norm to
+    mmengine's current MessageHub (hwoptim.mmengine), a process-wide object: its buffer
+    folds its queue every 256 updates, and that fold, traced inside a user's compiled
+    train step, is one more graph. How full the buffer is depends on which tests ran
+    before, so each test logs to a fresh hub of its own.
+    """
+    if "mmengine" in sys.modules:
+        from mmengine.logging import MessageHub
+
+        MessageHub.get_instance(f"test_compile-{uuid.uuid4().hex}")  # now the current one
     torch._dynamo.reset()
     counters.clear()
     yield
@@ -398,6 +411,65 @@ def test_no_graph_break_is_in_hwoptims_code(optimizer: str, clip: Any, exact_ski
         assert package not in innermost.parents, f"{reason.reason} at {innermost}"
 
 
+def _counting_backend() -> tuple[Callable[..., Any], list[int]]:
+    """A backend running each graph as given, counting the calls of the compiled graphs."""
+    calls = [0]
+
+    def backend(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+        def run(*args: Any) -> Any:
+            calls[0] += 1
+            return gm.forward(*args)
+
+        return run
+
+    return backend, calls
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw-fused"])
+def test_every_update_runs_the_compiled_graphs_and_says_so(optimizer: str) -> None:
+    """Not only the first update: each one calls the compiled graphs, and the wrapper's
+    repr and ``compiled`` say compiled."""
+    backend, calls = _counting_backend()
+    model = _model()
+    wrapper = _wrapper(model, optimizer, {"backend": backend}, acc=1)
+    wrapper.initialize_count_status(model, 0, 5)
+    per_update = []
+    for x, y in _batches(5, inf_at=2):
+        before = calls[0]
+        with wrapper.optim_context(model):
+            loss = nn.functional.mse_loss(model(x), y)
+        wrapper.update_params(loss)
+        per_update.append(calls[0] - before)
+    # the first update may run a graph more (mmengine's logging, when a test imported it,
+    # makes its buffer then); from the second on, each runs the same graphs
+    assert per_update[0] >= per_update[1] > 0 and per_update[1:] == [per_update[1]] * 4, per_update
+    assert wrapper._guard.compiled.compiled and "uncompiled" not in repr(wrapper)
+    assert _bad_updates(wrapper) == 1
+
+
+def test_after_a_fallback_no_compiled_graph_runs_and_the_repr_says_uncompiled() -> None:
+    backend, calls = _counting_backend()
+    failing = _fails_on_the_second_graph()
+
+    def first_graph_counted(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+        failing(gm, inputs)  # raises on the second graph
+        return backend(gm, inputs)
+
+    model = _model()
+    wrapper = _wrapper(model, "sgd", {"backend": first_graph_counted}, acc=1)
+    wrapper.initialize_count_status(model, 0, 4)
+    seen = []
+    with pytest.warns(RuntimeWarning, match="could not compile the update"):
+        for x, y in _batches(4, inf_at=None):
+            with wrapper.optim_context(model):
+                loss = nn.functional.mse_loss(model(x), y)
+            wrapper.update_params(loss)
+            seen.append(calls[0])
+    assert not wrapper._guard.compiled.compiled
+    assert seen[0] == 1 and seen == [1] * 4  # the first graph once, then uncompiled
+    assert "compile_step={'backend': " in repr(wrapper) and "# uncompiled: " in repr(wrapper)
+
+
 # -- a user's own compiled code ----------------------------------------------------------------
 
 
@@ -512,6 +584,41 @@ def _state_tensors(wrapper: hwoptim.OptimWrapper) -> list[torch.Tensor]:
     return [v for i in sorted(state) for _, v in sorted(state[i].items()) if isinstance(v, torch.Tensor)]
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw-foreach", "adamw-fused"])
+def test_a_compile_failing_in_the_first_update_is_undone_before_it_runs_eagerly(optimizer: str) -> None:
+    """The compiler gives up on the first update after its clip and guard already ran (the
+    first graph), before the optimizer's step (the second graph): the eager re-run must
+    start from the gradients and counts as they were, or it clips twice and guards an
+    update the first pass already zeroed. The first window holds the inf; the second's
+    norm is above max_norm. Everything equals the eager run exactly."""
+    def run(compile_step: Any) -> tuple[nn.Module, hwoptim.OptimWrapper, list[torch.Tensor]]:
+        model = _model()
+        wrapper = _wrapper(model, optimizer, compile_step)
+        batches = _batches(STEPS, inf_at=1)
+        wrapper.initialize_count_status(model, 0, len(batches))
+        norms = []
+        for x, y in batches:
+            with wrapper.optim_context(model):
+                loss = nn.functional.mse_loss(model(x), y) * 10
+            wrapper.update_params(loss)
+            if wrapper.inner_count % 2 == 0:  # an update ran
+                norms.append(wrapper.last_grad_norm.clone())
+        return model, wrapper, norms
+
+    eager = run(False)
+    with pytest.warns(RuntimeWarning, match="could not compile the update"):
+        compiled = run({"backend": _fails_on_the_second_graph()})
+    assert not compiled[1]._guard.compiled.compiled
+    assert not torch.isfinite(eager[2][0]) and eager[2][1] > NORM["max_norm"]
+    for got, want in zip(compiled[2], eager[2]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    for counter in ("skipped_steps", "zeroed_steps"):
+        assert getattr(compiled[1], counter).item() == getattr(eager[1], counter).item(), counter
+    assert _bad_updates(compiled[1]) == 1
+    for p, q in zip(eager[0].parameters(), compiled[0].parameters()):
+        assert torch.equal(q, p)
+
+
 def test_an_error_of_the_update_itself_is_raised_and_compiling_is_not_given_up() -> None:
     model = _model()
     wrapper = _wrapper(model, "adamw-foreach", EAGER_BACKEND, acc=1)
@@ -570,3 +677,27 @@ def test_mmengine_logging_sees_each_compiled_update_and_compiles_nothing_more() 
     compiled = logged(EAGER_BACKEND, "test_compile_compiled")
     assert len(compiled) == len(eager) == 8
     assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+# -- what mutation testing found unchecked (docs/contributing.md) --------------------------------
+
+
+def test_the_fallback_names_the_compilers_error_and_its_root_cause() -> None:
+    from hwoptim.compile import _describe
+
+    with pytest.warns(RuntimeWarning, match="could not compile the update"):
+        _, wrapper = _run("sgd", {"backend": _fails_on_the_second_graph()})
+    reason = wrapper._guard.compiled.reason
+    assert reason is not None and reason.endswith(", caused by RuntimeError: internal compiler error")
+    assert reason.startswith("BackendCompilerFailed, caused by ")  # the compiler's own error first
+    assert _describe(RuntimeError("first line\nsecond")) == "RuntimeError: first line"
+    assert _describe(RuntimeError()) == "RuntimeError"
+
+
+def test_a_copy_of_a_fallen_back_wrapper_stays_uncompiled_and_says_why() -> None:
+    with pytest.warns(RuntimeWarning, match="could not compile the update"):
+        _, wrapper = _run("sgd", {"backend": _broken_backend})
+    twin = copy.deepcopy(wrapper)
+    assert twin._guard.compiled.reason == wrapper._guard.compiled.reason is not None
+    assert twin._guard.compiled.owner == "OptimWrapper" and not twin._guard.compiled.compiled
+    assert "# uncompiled: " in repr(twin)

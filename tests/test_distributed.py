@@ -159,6 +159,14 @@ def test_fsdp2_gradient_sync_is_back_on_after_the_loop(runs: Runs, scenario: str
 
 @distributed
 @needs_fsdp2
+def test_fsdp2_gradient_sync_is_back_on_for_every_shard_after_an_error_inside_no_sync(runs: Runs) -> None:
+    for result in runs("fsdp2_error_inside_no_sync"):
+        assert result["inside"] == 0  # the skip did skip
+        assert result["after_error"] == FSDP2_GROUPS  # every shard synchronises again
+
+
+@distributed
+@needs_fsdp2
 @pytest.mark.parametrize("scenario", FSDP2_RUNS)
 def test_fsdp2_clipping_by_the_global_norm_equals_one_process(runs: Runs, scenario: str) -> None:
     want, want_norms = reference(sgd, range(N_ITERS), ACC, CLIP)

@@ -14,7 +14,7 @@ import torch
 from helpers import run_micro_batches
 from torch import nn
 
-from hwoptim import OptimWrapper, get_backend
+from hwoptim import OptimWrapper, get_backend, list_backends
 from hwoptim.backends.base import skip_gradient_sync
 
 
@@ -195,6 +195,40 @@ def test_every_built_in_backend_skips_through_the_shared_default() -> None:
     with get_backend("cpu").no_sync(model):
         assert model[0].sync is False
     assert model[0].sync is True
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "npu", "xpu", "mps"])
+def test_an_exception_leaving_a_backends_no_sync_turns_every_fsdp2_shard_back_on(backend: str) -> None:
+    """Users call ``Backend.no_sync()`` directly (the wrapper always leaves it cleanly):
+    an error inside the context, in a forward or backward, must not leave a shard that
+    never synchronises again."""
+    class ShardedRoot(FSDP2Like):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(FSDP2Like(), nn.Tanh(), ReplicateLike())
+
+    model = ShardedRoot()
+    shards = [model, model.blocks[0], model.blocks[2]]
+    skip = list_backends()[backend]().no_sync(model)  # no device needed to skip a sync
+    with pytest.raises(Boom), skip:
+        assert [m.sync for m in shards] == [False, False, False]
+        raise Boom
+    assert [m.sync for m in shards] == [True, True, True]
+    with skip_gradient_sync(model):  # and the next skip still works
+        assert [m.sync for m in shards] == [False, False, False]
+    assert [m.sync for m in shards] == [True, True, True]
+
+
+def test_an_exception_leaving_the_skip_of_several_ddp_parts_ends_each_no_sync() -> None:
+    model = nn.Sequential(DDPLike(), nn.Tanh(), DDPLike())
+    with pytest.raises(Boom), get_backend("cpu").no_sync(model):
+        assert (model[0].sync, model[2].sync) == (False, False)
+        raise Boom
+    assert (model[0].sync, model[2].sync) == (True, True)
 
 
 class StaticGraphDDPLike(DDPLike):

@@ -40,12 +40,20 @@ VOCAB, DIM, PAD = 11, 6, -100
 
 
 class TinyLM(nn.Module):
-    """Embedding -> Linear: next-token logits, enough to make per-token losses differ."""
+    """Embedding -> Linear: next-token logits, enough to make per-token losses differ.
 
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+    Its weights come from ``seed``, not from the global generator: what earlier tests drew
+    from that (test order, hypothesis, a -k selection) must not pick the weights. Some
+    draws make the float32 comparisons fail their tolerance (AdamW's first steps divide by
+    the root of tiny second moments, and rounding differences grow); seed 0 is far inside.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, DIM, dtype=dtype)
-        self.head = nn.Linear(DIM, VOCAB, dtype=dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.embed = nn.Embedding(VOCAB, DIM, dtype=dtype)
+            self.head = nn.Linear(DIM, VOCAB, dtype=dtype)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.embed(tokens)))

@@ -382,3 +382,77 @@ def test_plugin_warnings_point_at_the_users_line(misbehaving_plugins: None) -> N
         hwoptim.AmpOptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), device="auto")
     assert len(caught) >= 3  # the failed load, the raising is_available, the failing __init__
     assert {Path(w.filename).name for w in caught} == {Path(__file__).name}
+
+
+# -- two backends claiming one device type ------------------------------------------------------
+
+
+def _claimants(first: int, second: int) -> tuple[type[Backend], type[Backend]]:
+    """Two available backends, registered in this order, both for torch's "ipu" device type
+    (a type torch knows and no built-in claims), with these priorities."""
+    made = []
+    for name, priority in (("ipu-a", first), ("ipu-b", second)):
+        cls = type(
+            name.replace("-", "_"), (Backend,),
+            {"name": name, "device_type": "ipu", "priority": priority,
+             "is_available": lambda self: True, "device_count": lambda self: 1},
+        )
+        register_backend(cls)
+        made.append(cls)
+    return made[0], made[1]
+
+
+@pytest.mark.parametrize(("first", "second"), [(1, 2), (2, 1)])
+def test_of_two_backends_for_one_device_type_the_higher_priority_is_taken(
+    fresh_registry: None, monkeypatch: pytest.MonkeyPatch, first: int, second: int
+) -> None:
+    """Whichever was registered first: a torch.device, the device type's name and "auto"
+    (by the priority order, and as torch's current accelerator) all take priority 2."""
+    a, b = _claimants(first, second)
+    higher = a if first > second else b
+    assert type(get_backend(torch.device("ipu"))) is higher
+    assert type(get_backend(torch.device("ipu", 0))) is higher
+    assert type(get_backend("ipu")) is higher
+    assert type(get_backend("auto")) is higher  # no accelerator on this machine: by priority
+    # torch's current accelerator comes first, before a backend of higher priority
+    ahead = type("Ahead", (Backend,), {"name": "ahead", "device_type": "xla", "priority": 50,
+                                       "is_available": lambda self: True})
+    register_backend(ahead)
+    assert type(get_backend("auto")) is ahead
+    monkeypatch.setattr(registry, "current_accelerator", lambda: "ipu")
+    assert type(get_backend("auto")) is higher
+
+
+# -- what mutation testing found unchecked (docs/contributing.md) --------------------------------
+
+
+def test_a_backend_needs_a_device_type_as_well_as_a_name(fresh_registry: None) -> None:
+    for attrs in ({"name": "typeless"}, {"device_type": "cuda"}):
+        with pytest.raises(ValueError, match="must set both 'name' and 'device_type'"):
+            register_backend(type("Half", (Backend,), attrs))
+    assert "typeless" not in list_backends()
+
+
+def test_unregistering_an_unknown_name_lists_the_registered_ones(fresh_registry: None) -> None:
+    with pytest.raises(ValueError, match=r"^no backend named 'nope'; registered: 'cpu', 'cuda', "):
+        unregister_backend("nope")
+    assert backend_origin("nope") == "unknown"
+    assert unregister_backend("CPU") is CpuBackend and backend_origin("cpu") == "unknown"
+
+
+def test_a_raising_check_of_a_backend_never_registered_is_reported_with_an_unknown_origin(
+    fresh_registry: None,
+) -> None:
+    class Stray(CpuBackend):
+        name = "stray"
+
+        def is_available(self) -> bool:
+            raise RuntimeError("boom")
+
+    with pytest.warns(RuntimeWarning) as caught:
+        assert registry.is_available(Stray()) is False
+    assert [str(w.message) for w in caught] == [
+        "hwoptim backend 'stray' (unknown): is_available() raised and the backend is left out: "
+        "RuntimeError: boom"
+    ]
+    assert ("stray", "is_available() raised RuntimeError: boom") in plugin_errors()

@@ -10,6 +10,7 @@ gradient) stay fixed.
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Any
 
 import pytest
@@ -127,6 +128,22 @@ def test_the_second_device_trains_like_the_first(device, precision):
         runs.append([p.detach().cpu() for p in model.parameters()])
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_fp32_switches_autocast_off_on_the_device_without_a_warning(device):
+    """The device's autocast has no float32 (torch would switch it off itself, warning at
+    every forward): the backend switches it off before torch is asked."""
+    model = make_model(device)
+    wrapper = AmpOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), device=device, dtype="float32")
+    x = torch.randn(8, 6).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            with wrapper.optim_context(model):
+                assert not torch.is_autocast_enabled(device.type)
+                out = model(x)
+            assert out.dtype == torch.float32
+            wrapper.update_params(out.pow(2).mean())
 
 
 def test_plain_optim_wrapper_keeps_its_values_with_the_parameters(device):
