@@ -106,7 +106,7 @@ def _local_norms(
     zero = stacked.new_zeros(())
     per_group = torch.stack([
         torch.linalg.vector_norm(part, p) if part.numel() else zero
-        for part in stacked.split(sizes)
+        for part in torch.split(stacked, sizes)
     ])
     return torch.linalg.vector_norm(per_group, p), per_group
 
@@ -118,8 +118,8 @@ def _per_tensor_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> 
         full = [t for t in tensors if t.numel()]
         if not full:
             return [t.new_zeros(()) for t in tensors]
-        norms = iter(_per_tensor_norms(full, p, foreach))
-        return [next(norms) if t.numel() else t.new_zeros(()) for t in tensors]
+        found = iter(_per_tensor_norms(full, p, foreach))
+        return [next(found) if t.numel() else t.new_zeros(()) for t in tensors]
     grouped = _group_tensors_by_device_and_dtype([tensors], with_indices=True)  # type: ignore[list-item]
     ordered: list[Tensor | None] = [None] * len(tensors)
     for (device, _), ([bucket], indices) in grouped.items():
