@@ -36,6 +36,7 @@ from torch.utils._foreach_utils import (
 
 #: the key of the gradients reduced over all ranks (the default process group)
 _WORLD = "world"
+_PLAIN = {Tensor}
 
 
 def grad_norms(
@@ -75,7 +76,7 @@ def grad_norms(
         sizes.append(len(group))
     if not flat:
         return torch.zeros((), device=device), torch.zeros(len(sizes), device=device)
-    if all(type(t) is Tensor or not hasattr(t, "placements") for t in flat):
+    if set(map(type, flat)) == _PLAIN or not any(hasattr(t, "placements") for t in flat):
         return _local_norms(flat, sizes, p, foreach)
     return _distributed_norms(flat, sizes, p, foreach)
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, cast
 import torch
 from torch import Tensor
 
-from hwoptim._grad_norm import by_mesh, grad_norms
+from hwoptim._grad_norm import _PLAIN, by_mesh, grad_norms
 from hwoptim._numbers import check_positive
 from hwoptim.backends.base import unwrap_compiled
 
@@ -136,7 +136,7 @@ class ClipGrad:
                     f"the total gradient norm is non-finite ({norm}), so it cannot be "
                     "clipped (clip_grad error_if_nonfinite=True)"
                 )
-            if all(type(g) is Tensor for g in grads):
+            if set(map(type, grads)) == _PLAIN:
                 clip_with_norm(params, max_norm, norm, foreach)
             else:  # torch's foreach ops refuse gradients on different meshes
                 for bucket in by_mesh(params):
@@ -168,7 +168,7 @@ class ClipGrad:
                 return torch.zeros((), device=params[0].device)
             # the step zeroes the clamped gradients by this norm: every rank sees the same
             norm = grad_norms((grads,), 2.0, foreach)[0]
-            if all(type(g) is Tensor for g in grads):
+            if set(map(type, grads)) == _PLAIN:
                 torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
             else:  # torch's foreach ops refuse gradients on different meshes
                 for bucket in by_mesh(params):
