@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from _dist_harness import counting
 from torch import nn
+from test_host_sync import HostSyncDetector
 from torch.nn import functional as F
 
 from hwoptim import OptimWrapper
@@ -102,6 +103,9 @@ def _layouts(rank: int, workdir: Path) -> dict[str, Any]:
                 total, per_group = grad_norms(grads, p, foreach)
             out[p, foreach] = (total, per_group, calls[0])
         out[p, "reference"] = reference_norms(full, p)
+        with HostSyncDetector() as detector:
+            grad_norms(grads, p)
+        out[p, "syncs"] = [str(call) for call in detector.by("hwoptim")]
     # one rank's copy of a replicated shard goes bad: every rank sees the same non-finite
     for value in (math.inf, math.nan):
         bad = [list(group) for group in grads]
@@ -208,7 +212,7 @@ def train(name: str, distributed: bool) -> dict[str, Any]:
     """ITERS updates with clipping; the norms, per-group norms, all-reduces and parameters."""
     model = MODELS[name](distributed)
     wrapper = OptimWrapper(optimizer(model), clip_grad=CLIP)
-    norms, group_norms, all_reduces = [], [], []
+    norms, group_norms, all_reduces, syncs = [], [], [], []
     for i in range(ITERS):
         x, y = global_batch(i)
         with wrapper.optim_context(model):
@@ -216,9 +220,10 @@ def train(name: str, distributed: bool) -> dict[str, Any]:
         wrapper.backward(loss)
         groups = [[p.grad for p in g["params"] if p.grad is not None] for g in wrapper.param_groups]
         group_norms.append({p: grad_norms(groups, p) for p in NORM_TYPES})
-        with counting("all_reduce") as calls:
+        with counting("all_reduce") as calls, HostSyncDetector() as detector:
             wrapper.step()
         all_reduces.append(calls[0])
+        syncs.extend(str(call) for call in detector.by("hwoptim"))
         wrapper.zero_grad()
         assert wrapper.last_grad_norm is not None
         norms.append(wrapper.last_grad_norm.detach().clone())
@@ -227,6 +232,7 @@ def train(name: str, distributed: bool) -> dict[str, Any]:
         "norm_types": [type(n).__name__ for n in norms],
         "group_norms": group_norms,
         "all_reduces": all_reduces,
+        "syncs": syncs,
         "params": full_params(model),
     }
 

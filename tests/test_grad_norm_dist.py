@@ -4,7 +4,7 @@
   [Shard(1), Shard(0)] on a (2, 2) mesh; HSDP's [Replicate, Shard]; Partial; a 2-rank
   sub-mesh; a plain tensor; an empty group): the total and per-group norms by
   ``grad_norms`` are the norms of the full tensors, for p = 2, 3 and inf, foreach or
-  not, the same on every rank, in one all-reduce per set of ranks.
+  not, the same on every rank, in one all-reduce per set of ranks, with no host sync.
 - One replica's copy going inf or nan: every rank sees it.
 - Training with clipping: a Linear under FSDP2 on 4 ranks beside an expert weight on a
   (2, 2) mesh and a plain parameter (the layout on which torch's clip_grad_norm_ fails
@@ -67,6 +67,12 @@ def test_norms_over_every_placement_take_one_all_reduce_per_set_of_ranks(runs: R
         assert result[p, None][2] == 2
 
 
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_norms_over_every_placement_make_no_host_sync(runs: Runs, p: float) -> None:
+    for result in runs("layouts"):
+        assert result[p, "syncs"] == []
+
+
 @pytest.mark.parametrize("value", [math.inf, math.nan])
 def test_a_bad_copy_on_one_replica_is_seen_by_every_rank(runs: Runs, value: float) -> None:
     for result in runs("layouts"):
@@ -108,6 +114,9 @@ def test_training_per_group_norms_equal_one_process(runs: Runs, name: str) -> No
 
 @pytest.mark.parametrize("name", ["fsdp2_moe", "hsdp_tp"])
 @needs_fsdp2
-def test_clipping_over_several_meshes_takes_one_all_reduce_per_update(runs: Runs, name: str) -> None:
+def test_clipping_over_several_meshes_takes_one_all_reduce_per_update_and_no_host_sync(
+    runs: Runs, name: str
+) -> None:
     for result in runs(name):
         assert result["all_reduces"] == [1] * ITERS
+        assert result["syncs"] == []
