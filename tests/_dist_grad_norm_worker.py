@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from _dist_harness import counting
-from torch import nn
 from test_host_sync import HostSyncDetector
+from torch import nn
 from torch.nn import functional as F
 
 from hwoptim import OptimWrapper
