@@ -218,7 +218,10 @@ def _without_partial(tensor: Any) -> Any:
     placements = tensor.placements
     if not any(placement.is_partial() for placement in placements):
         return tensor
-    from torch.distributed.tensor import Replicate
+    try:
+        from torch.distributed.tensor import Replicate
+    except ImportError:  # torch before 2.5
+        from torch.distributed._tensor import Replicate  # type: ignore[attr-defined,no-redef]
 
     resolved = [Replicate() if pl.is_partial() else pl for pl in placements]
     return tensor.redistribute(tensor.device_mesh, resolved)

@@ -60,7 +60,10 @@ def full_grads() -> list[list[torch.Tensor]]:
 
 def laid_out(full: list[list[torch.Tensor]], rank: int) -> list[list[torch.Tensor]]:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    try:
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    except ImportError:  # torch before 2.5
+        from torch.distributed._tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     flat = init_device_mesh("cpu", (4,))
     square = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
