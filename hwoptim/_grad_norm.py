@@ -221,7 +221,7 @@ def _without_partial(tensor: Any) -> Any:
     try:
         from torch.distributed.tensor import Replicate
     except ImportError:  # torch before 2.5
-        from torch.distributed._tensor import Replicate  # type: ignore[attr-defined,no-redef]
+        from torch.distributed._tensor import Replicate  # type: ignore[attr-defined]
 
     resolved = [Replicate() if pl.is_partial() else pl for pl in placements]
     return tensor.redistribute(tensor.device_mesh, resolved)
