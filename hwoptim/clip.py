@@ -15,10 +15,11 @@ from typing import Any, Callable, cast
 import torch
 from torch import Tensor
 
+from hwoptim._grad_norm import _PLAIN, by_mesh, grad_norms
 from hwoptim._numbers import check_flag, check_optional_flag, check_positive
 from hwoptim.backends.base import unwrap_compiled
 
-__all__ = ["ClipFn", "ClipGrad", "global_norm", "nonfinite_flag", "parse_clip_grad"]
+__all__ = ["ClipFn", "ClipGrad", "nonfinite_flag", "parse_clip_grad"]
 
 ClipFn = Callable[[Sequence[Tensor]], Tensor]
 
@@ -107,12 +108,11 @@ class ClipGrad:
         (on the parameters' device, also when no parameter has a gradient).
 
         Decided once per model: an FSDP1 module clips through its own ``clip_grad_norm_``
-        (the norm over all shards, not this rank's); everything else, FSDP2's DTensor
-        gradients included, through torch.nn.utils, whose norm over DTensors is the global
-        one (returned as a plain tensor, see ``global_norm``). On a mesh of two or more
-        dimensions (HSDP, FSDP2 + tensor parallel) the ranks also agree on whether it is
-        finite before it clips (``_MeshAgreement``). ``scaled``: a loss scaler is on, so a
-        non-finite norm is an overflow the scaler skips, never an error.
+        (the norm over all shards, not this rank's); everything else -- plain gradients,
+        DTensors of FSDP2, HSDP, tensor or expert parallelism, on one mesh or several --
+        by the global norm of ``hwoptim._grad_norm.grad_norms``: a plain tensor, the same
+        on every rank, so all ranks take the same non-finite decision. ``scaled``: a loss
+        scaler is on, so a non-finite norm is an overflow the scaler skips, never an error.
         """
         error = self.error_if_nonfinite and not scaled
         if self.kind == "value":
@@ -122,21 +122,22 @@ class ClipGrad:
         if callable(module_clip):
             return self._module_norm_fn(module_clip, error)
         max_norm, norm_type, foreach = self.max_norm, self.norm_type, self.foreach
-        total_norm, clip_with_norm = _total_norm_fn(), _clip_with_norm_fn()
-        agree = _MeshAgreement()
+        clip_with_norm = _clip_with_norm_fn()
 
         def clip_norm(params: Sequence[Tensor]) -> Tensor:
-            # torch's clip_grad_norm_ in two halves, so that over DTensor gradients the
-            # norm that clips is the global one every replica agrees on
+            # torch's clip_grad_norm_ in two halves: the global norm over every layout
+            # (hwoptim/_grad_norm.py), then each mesh's gradients scaled by it
             grads = [p.grad for p in params if p.grad is not None]
             if not grads:  # torch's norm of nothing is a zero on the CPU: keep it with the params
                 return torch.zeros((), device=params[0].device)
-            norm = total_norm(grads, norm_type, error, foreach)
-            if type(norm) is not Tensor:
-                norm = agree(global_norm(norm), getattr(norm, "device_mesh", None))
-                if error and not bool(torch.isfinite(norm)):  # opted in: this sync is the point
-                    raise _nonfinite_error(norm, " on some rank of the mesh")
-            clip_with_norm(params, max_norm, norm, foreach)
+            norm = grad_norms((grads,), norm_type, foreach)[0]
+            if error and not bool(torch.isfinite(norm)):  # opted in: this sync is the point
+                raise _nonfinite_error(norm)
+            if set(map(type, grads)) == _PLAIN:
+                clip_with_norm(params, max_norm, norm, foreach)
+            else:  # torch's foreach ops refuse gradients on different meshes
+                for bucket in by_mesh(params):
+                    clip_with_norm(bucket, max_norm, norm, foreach)
             return norm
 
         return clip_norm
@@ -154,19 +155,19 @@ class ClipGrad:
 
     def _value_fn(self) -> ClipFn:
         clip_value, foreach = self.clip_value, self.foreach
-        total_norm = _total_norm_fn()
-        agree = _MeshAgreement()
 
         def clip_value_(params: Sequence[Tensor]) -> Tensor:
             grads = [p.grad for p in params if p.grad is not None]
             if not grads:  # torch's norm of nothing is a zero on the CPU: keep it with the params
                 return torch.zeros((), device=params[0].device)
-            norm = total_norm(grads, 2.0, False, foreach)
-            torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
-            if type(norm) is Tensor:
-                return norm
-            # the step zeroes the clamped gradients by this norm: replicas must agree on it
-            return agree(global_norm(norm), getattr(norm, "device_mesh", None))
+            # the step zeroes the clamped gradients by this norm: every rank sees the same
+            norm = grad_norms((grads,), 2.0, foreach)[0]
+            if set(map(type, grads)) == _PLAIN:
+                torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
+            else:  # torch's foreach ops refuse gradients on different meshes
+                for bucket in by_mesh(params):
+                    torch.nn.utils.clip_grad_value_(bucket, clip_value, foreach=foreach)
+            return norm
 
         return clip_value_
 
@@ -175,35 +176,15 @@ class ClipGrad:
         return f"dict(type={self.kind!r}, {args})"
 
 
-def _nonfinite_error(norm: Tensor, where: str = "") -> RuntimeError:
+def _nonfinite_error(norm: Tensor) -> RuntimeError:
     """The one error of ``error_if_nonfinite=True`` (a host read the user opted into)."""
     return RuntimeError(
-        f"the total gradient norm is non-finite ({norm}){where}, so it cannot be clipped; "
+        f"the total gradient norm is non-finite ({norm}), so it cannot be clipped; "
         "pass clip_grad error_if_nonfinite=False to have such steps skipped or zeroed instead"
     )
 
 
-_TotalNormFn = Callable[[list[Tensor], float, bool, "bool | None"], Tensor]
 _ClipWithNormFn = Callable[[Sequence[Tensor], float, Tensor, "bool | None"], None]
-
-
-def _total_norm_fn() -> _TotalNormFn:
-    """torch.nn.utils.get_total_norm, or the same computed by hand before torch 2.6."""
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if get_total_norm is not None:
-        return cast(_TotalNormFn, get_total_norm)
-
-    def fallback(grads: list[Tensor], norm_type: float, error: bool, foreach: bool | None) -> Tensor:
-        if not grads:
-            return torch.tensor(0.0)
-        device = grads[0].device
-        norms = [torch.linalg.vector_norm(g.detach(), norm_type).to(device) for g in grads]
-        norm = torch.linalg.vector_norm(torch.stack(norms), norm_type)
-        if error and not bool(torch.isfinite(norm)):
-            raise _nonfinite_error(norm)
-        return cast(Tensor, norm)
-
-    return fallback
 
 
 def _clip_with_norm_fn() -> _ClipWithNormFn:
@@ -224,71 +205,11 @@ def _clip_with_norm_fn() -> _ClipWithNormFn:
     return fallback
 
 
-class _MeshAgreement:
-    """Makes a global norm over DTensor gradients agree across the replicas of a mesh.
-
-    On a mesh of two or more dimensions (HSDP's replicate x shard, FSDP2 + tensor
-    parallel) some dimension holds copies of the gradients, and the norm is computed on
-    each copy without comparing them: a fault after the replicas' all-reduce (silent data
-    corruption on one replica) would make one replica skip the step and another take it,
-    and their weights would part for good. So the non-finite flag is all-reduced over the
-    whole mesh -- one scalar collective per update, no host sync -- and where any rank's
-    norm is inf or nan, every rank's becomes nan (a rank's own inf stays inf): all skip.
-    A one-dimensional mesh (FSDP2) needs nothing: its norm is already one all-reduce
-    over every rank of it.
-    """
-
-    __slots__ = ("_groups", "_mesh")
-
-    def __init__(self) -> None:
-        self._mesh: Any = None
-        self._groups: tuple[Any, ...] = ()
-
-    def __call__(self, norm: Tensor, mesh: Any) -> Tensor:
-        """``norm`` (a plain tensor, global over ``mesh``) as every rank of the mesh sees it."""
-        if mesh is not self._mesh:  # decided once per mesh
-            self._mesh, self._groups = mesh, _agreement_groups(mesh)
-        if not self._groups:
-            return norm
-        import torch.distributed as dist
-
-        bad = nonfinite_flag(norm)
-        anywhere = bad.clone()
-        for group in self._groups:
-            dist.all_reduce(anywhere, group=group)
-        return torch.where((anywhere > 0) & (bad == 0), torch.nan, norm)
-
-
-def _agreement_groups(mesh: Any) -> tuple[Any, ...]:
-    """The process groups that together span ``mesh`` (none for a 1-D mesh, see above)."""
-    if mesh is None or mesh.ndim < 2:
-        return ()
-    import torch.distributed as dist
-
-    if mesh.size() == dist.get_world_size():
-        return (None,)  # the default group: one all-reduce
-    return tuple(mesh.get_group(dim) for dim in range(mesh.ndim) if mesh.size(dim) > 1)
-
-
 def nonfinite_flag(norm: Tensor) -> Tensor:
     """1.0 where ``norm`` is inf or nan, else 0.0, as a float32 tensor on norm's device:
     a found_inf computed on the device, with no host sync."""
     found = (norm * 0.0).nan_to_num_(nan=1.0)  # inf*0 and nan*0 are nan; finite*0 is 0
     return found if found.dtype == torch.float32 else found.float()
-
-
-def global_norm(norm: Tensor) -> Tensor:
-    """A total norm as a plain tensor holding the value over all ranks.
-
-    With FSDP2 (or tensor parallel) gradients are DTensors, and so is the norm torch
-    computes over them: replicated, or a partial sum still to be reduced. ``full_tensor()``
-    turns either into a plain tensor with the global value -- a collective where a
-    reduction is pending, never a host sync -- so ``last_grad_norm`` logs the true norm
-    and the non-finite guard (and fused optimizers, which take ``found_inf`` as a plain
-    tensor) see the same value on every rank. Other tensor subclasses pass through.
-    """
-    full_tensor = getattr(norm, "full_tensor", None)
-    return norm if full_tensor is None else cast(Tensor, full_tensor())
 
 
 def parse_clip_grad(clip_grad: Mapping[str, Any] | None) -> ClipGrad | None:

@@ -178,55 +178,6 @@ def test_before_torch_2_6_the_same_clipping_is_done_by_hand(monkeypatch, norm_ty
         ClipGrad(dict(max_norm=1.0, error_if_nonfinite=True)).clip_fn()(_grads([math.nan]))
 
 
-class _FakeMesh:
-    """A DeviceMesh as _agreement_groups reads it: ndim, size(), get_group()."""
-
-    def __init__(self, *shape: int) -> None:
-        self.shape = shape
-        self.ndim = len(shape)
-
-    def size(self, dim: int | None = None) -> int:
-        return math.prod(self.shape) if dim is None else self.shape[dim]
-
-    def get_group(self, dim: int) -> str:
-        return f"group of dim {dim}"
-
-
-def test_a_one_dimensional_mesh_needs_no_agreement():
-    from hwoptim.clip import _agreement_groups, _MeshAgreement
-
-    assert _agreement_groups(_FakeMesh(4)) == ()
-    assert _agreement_groups(None) == ()
-    norm = torch.tensor(math.inf)
-    assert _MeshAgreement()(norm, _FakeMesh(4)) is norm  # no collective, nothing changed
-
-
-def test_a_mesh_of_all_ranks_agrees_in_one_all_reduce_a_sub_mesh_over_each_dimension(monkeypatch):
-    from hwoptim.clip import _agreement_groups
-
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 8)
-    assert _agreement_groups(_FakeMesh(2, 4)) == (None,)  # the default group
-    assert _agreement_groups(_FakeMesh(2, 1, 2)) == ("group of dim 0", "group of dim 2")
-
-
-def test_the_agreed_norm_is_nan_only_where_another_rank_was_not_finite(monkeypatch):
-    from hwoptim.clip import _MeshAgreement
-
-    others_bad = [0.0]
-
-    def all_reduce(tensor, group=None):  # as if the other ranks added their flags
-        tensor += others_bad[0]
-
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
-    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    agree, mesh = _MeshAgreement(), _FakeMesh(2, 2)
-    assert float(agree(torch.tensor(3.0), mesh)) == 3.0
-    assert float(agree(torch.tensor(math.inf), mesh)) == math.inf
-    others_bad[0] = 1.0
-    assert math.isnan(float(agree(torch.tensor(3.0), mesh)))
-    assert float(agree(torch.tensor(math.inf), mesh)) == math.inf  # its own inf stays
-
-
 # -- what mutation testing found unchecked (docs/contributing.md) --------------------------------
 
 
@@ -307,15 +258,3 @@ def test_a_modules_own_clip_raises_on_a_nonfinite_norm_only_when_asked(norm):
     assert asked.clip_fn(_OwnClip(3.0))([]).item() == 3.0  # a finite norm never raises
 
 
-def test_before_torch_2_6_the_norm_by_hand_of_nothing_is_zero_and_raises_only_when_asked(monkeypatch):
-    monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
-    from hwoptim.clip import _total_norm_fn
-
-    total_norm = _total_norm_fn()
-    zero = total_norm([], 2.0, False, None)
-    assert zero.shape == () and zero.item() == 0.0
-    assert total_norm([torch.tensor([math.inf])], 2.0, False, None).item() == math.inf
-    message = r"non-finite \(inf\), so it cannot be clipped; pass clip_grad error_if_nonfinite=False"
-    with pytest.raises(RuntimeError, match=message):
-        total_norm([torch.tensor([math.inf])], 2.0, True, None)
-    assert total_norm([torch.tensor([3.0, 4.0])], 2.0, True, None).item() == 5.0

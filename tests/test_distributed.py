@@ -281,10 +281,11 @@ def test_num_items_over_ranks_equals_one_process_on_all_items_of_each_window(
     [
         # DDP: one bucket all-reduce (through dist.all_reduce) and the count's
         ("ddp_num_items", 1, 2),
-        # FSDP2: reduce-scatters per Linear; the count is the only all-reduce
-        sharded("fsdp2_num_items", FSDP2_GROUPS, 1),
+        # FSDP2: reduce-scatters per Linear; the clip's norm (one all-reduce for all the
+        # groups, hwoptim/_grad_norm.py) and the count's
+        sharded("fsdp2_num_items", FSDP2_GROUPS, 2),
         # HSDP (replicate 2, shard 1): an all-reduce per Linear over replicas, the clip's
-        # agreement on a non-finite norm over the mesh, and the count's
+        # norm (one all-reduce over the mesh, hwoptim/_grad_norm.py), and the count's
         # (no reduce-scatter over a shard group of one; torch 2.9 and older still run it)
         sharded("hsdp_num_items", (0, FSDP2_GROUPS), FSDP2_GROUPS + 2),
     ],

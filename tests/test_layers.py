@@ -17,8 +17,8 @@ PACKAGE = Path(hwoptim.__file__).parent
 
 #: lowest first; a module may import its own layer and the layers below it
 LAYERS: list[tuple[str, ...]] = [
-    ("hwoptim._numbers", "hwoptim._warn", "hwoptim._entry_points", "hwoptim._torch_compat", "hwoptim._skips",
-     "hwoptim.compile"),
+    ("hwoptim._numbers", "hwoptim._warn", "hwoptim._entry_points", "hwoptim._grad_norm", "hwoptim._torch_compat",
+     "hwoptim._skips", "hwoptim.compile"),
     ("hwoptim.backends", "hwoptim.backends.*"),
     ("hwoptim._extensions", "hwoptim._window", "hwoptim.clip", "hwoptim.num_items", "hwoptim._precision"),
     ("hwoptim._guard", "hwoptim._binding", "hwoptim._checkpoint"),
