@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("hwoptim.wrapper",),
     ("hwoptim.amp", "hwoptim.wrapper_dict"),
     ("hwoptim.build", "hwoptim.testing", "hwoptim.testing.*"),
+    ("hwoptim._mmengine_log", "hwoptim._mmengine_safe_load"),
     ("hwoptim", "hwoptim.mmengine"),
     ("hwoptim.__main__",),
 ]
