@@ -181,6 +181,8 @@ def save(
         dcp.save(state, checkpoint_id=path, process_group=process_group)
         _write_checksums(path, rank)
         return None
+    if process_group is None:
+        process_group = _background_group()
     pending = dcp.async_save(state, checkpoint_id=path, process_group=process_group)
     done: Future[None] = Future()
 
@@ -195,6 +197,23 @@ def save(
 
     pending.add_done_callback(finish)
     return done
+
+
+#: (the default group it was made for, a gloo group of the same ranks for async_save)
+_background: list[Any] = [None, None]
+
+
+def _background_group() -> Any:
+    """A gloo group of all ranks for ``dcp.async_save``'s background collectives, made once
+    per default group (a collective itself): on the training's group they would interleave
+    with FSDP's collectives of the next micro-batches."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.group.WORLD
+    if _background[0] is not world:
+        _background[:] = [world, dist.new_group(backend="gloo")]
+    return _background[1]
 
 
 # -- checksums -----------------------------------------------------------------------------
