@@ -87,7 +87,8 @@ def save(
                 "save_partial_grads: this model is FSDP-sharded and FSDP keeps the window's "
                 "gradients inside itself, not in the parameters' .grad, so they are not saved "
                 "and a resume from this checkpoint misses the window's earlier micro-batches; "
-                "checkpoint at the end of a window instead"
+                "checkpoint at the end of a window, or use save_sharded(), which saves the window "
+                "under FSDP2 (docs/checkpoints.md)"
             )
         else:
             counters["grads"] = {i: p.grad.detach() for i, p in enumerate(params) if p.grad is not None}

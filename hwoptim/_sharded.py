@@ -81,7 +81,7 @@ def reduce_partial_grads(model: torch.nn.Module) -> int:
                     local, mesh, placements, run_check=False, shape=sharded.shape, stride=sharded.stride()
                 )
             else:
-                sharded.grad.to_local().add_(local)
+                sharded.grad.to_local().add_(local)  # type: ignore[attr-defined]
             drop()
     return len(found)
 
@@ -158,7 +158,7 @@ def save(
     process_group: Any,
 ) -> Future[None] | None:
     """Save model, optimizer and wrapper state with ``dcp.save`` (or ``dcp.async_save``)."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict_saver
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     root = _module(model)
@@ -178,12 +178,12 @@ def save(
     }
     rank = _dist()[0]
     if not async_save:
-        dcp.save(state, checkpoint_id=path, process_group=process_group)
+        state_dict_saver.save(state, checkpoint_id=path, process_group=process_group)
         _write_checksums(path, rank)
         return None
     if process_group is None:
         process_group = _background_group()
-    pending = dcp.async_save(state, checkpoint_id=path, process_group=process_group)
+    pending = state_dict_saver.async_save(state, checkpoint_id=path, process_group=process_group)
     done: Future[None] = Future()
 
     def finish(saved: Any) -> None:
@@ -195,7 +195,7 @@ def save(
         else:
             done.set_result(None)
 
-    pending.add_done_callback(finish)
+    pending.add_done_callback(finish)  # type: ignore[union-attr]
     return done
 
 
@@ -310,7 +310,7 @@ def _unflatten(flat: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 
 def _read_wrapper_state(path: Path, metadata: Any, group: Any) -> dict[str, Any]:
     """Load the small part of "hwoptim": everything but the gradients."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict_loader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     rank = _dist()[0]
@@ -325,14 +325,16 @@ def _read_wrapper_state(path: Path, metadata: Any, group: Any) -> dict[str, Any]
             template[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
         else:
             template[key] = None
-    dcp.load(template, checkpoint_id=path, process_group=group)
+    state_dict_loader.load(template, checkpoint_id=path, process_group=group)
     return _unflatten(template, _KEY)
 
 
 def _check_wrapper_state(saved: dict[str, Any], path: Path, window: AccumulationWindow) -> None:
     fmt = saved.get("format")
     if fmt != FORMAT:
-        raise ValueError(f"the sharded checkpoint {str(path)!r} has hwoptim format {fmt!r}; this hwoptim reads {FORMAT}")
+        raise ValueError(
+            f"the sharded checkpoint {str(path)!r} has hwoptim format {fmt!r}; this hwoptim reads {FORMAT}"
+        )
     world = check_int(saved.get("world_size"), f"{_KEY}.world_size", 1)
     acc = check_int(saved.get("accumulative_counts"), f"{_KEY}.accumulative_counts", 1)
     if not saved.get("partial"):  # counters only: resumes as state_dict() does, with its warnings
@@ -368,7 +370,8 @@ def load(
     process_group: Any,
 ) -> None:
     """Check the checkpoint, load it into fresh buffers, then apply it all."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict_loader
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.state_dict import (
         get_state_dict,
         set_model_state_dict,
@@ -379,7 +382,7 @@ def load(
     path = Path(checkpoint_id)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{str(path)!r} is not a sharded checkpoint: it has no .metadata file")
-    metadata = dcp.FileSystemReader(path).read_metadata()
+    metadata = FileSystemReader(path).read_metadata()
     keys = metadata.state_dict_metadata
     if f"{_KEY}.format" not in keys:
         raise ValueError(
@@ -425,7 +428,7 @@ def load(
                         )
                     template[key] = torch.zeros_like(by_name[name])
                     wanted[key] = by_name[name]
-    dcp.load(template, checkpoint_id=path, process_group=process_group)
+    state_dict_loader.load(template, checkpoint_id=path, process_group=process_group)
     if saved.get("partial"):
         loaded = {id(param): template[key] for key, param in wanted.items()}
         grads = tuple(loaded.get(id(p)) for p in params)
