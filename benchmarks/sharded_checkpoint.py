@@ -10,8 +10,9 @@ in all with its two moments), sharded four ways. Timed, in one run, best of ``--
   and until its Future is done;
 - ``dcp load``: ``wrapper.load_sharded`` (checksums checked, read into fresh buffers, applied);
 - ``torch.save``: the full state gathered to rank 0 (``get_state_dict`` with
-  ``full_state_dict=True, cpu_offload=True``) and written there, and ``torch.load`` of it
-  on rank 0 then ``set_state_dict`` broadcasting it (``broadcast_from_rank0=True``).
+  ``full_state_dict=True, cpu_offload=True``) and written there; its load: every rank
+  ``torch.load``s the whole file (``mmap=True``) and keeps its shards (``set_state_dict``
+  with ``full_state_dict=True``).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def rank_main(rank: int, folder: str, mb: int, repeat: int) -> None:
     root = Path(folder)
     numel = sum(p.numel() for p in model.parameters())  # global numel (DTensors)
     results: dict[str, list[float]] = {k: [] for k in ("dcp save", "dcp async (returns)", "dcp async (done)",
-                                                       "dcp load", "torch.save rank 0", "torch.load + broadcast")}
+                                                       "dcp load", "torch.save rank 0", "torch.load full, every rank")}
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     for i in range(repeat):
         path = root / f"dcp-{i}"
@@ -91,12 +92,12 @@ def rank_main(rank: int, folder: str, mb: int, repeat: int) -> None:
                 torch.save(state, file)
 
         def load_full(file: Path = file) -> None:
-            state = torch.load(file, weights_only=True) if rank == 0 else {"model": {}, "optim": {}}
+            state = torch.load(file, weights_only=True, mmap=True)
             set_state_dict(model, wrapper.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                           options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+                           options=StateDictOptions(full_state_dict=True))
 
         results["torch.save rank 0"].append(timed(save_full))
-        results["torch.load + broadcast"].append(timed(load_full))
+        results["torch.load full, every rank"].append(timed(load_full))
         for extra in (path, root / f"async-{i}"):
             if rank == 0:
                 shutil.rmtree(extra, ignore_errors=True)

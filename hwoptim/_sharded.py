@@ -40,11 +40,11 @@ _CHECKSUMS = ".hwoptim-crc32.rank{}.json"
 _CHUNK = 1 << 24
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world size) in the default group; (0, 1) outside torch.distributed."""
+def _dist(group: Any = None) -> tuple[int, int]:
+    """(rank, world size) in ``group`` (None: the default one); (0, 1) outside torch.distributed."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
@@ -104,11 +104,12 @@ def _wrapper_state(
     skips: SkipCounter,
     params: list[Tensor],
     partial_grads: bool,
+    group: Any,
 ) -> dict[str, Any]:
     """The "hwoptim" entry: numbers and strings, and tensors only for the window."""
     from torch.distributed.tensor import DTensor
 
-    rank, world = _dist()
+    rank, world = _dist(group)
     mid_window = not window.should_update()
     skipped, zeroed = skips.counts()
     state: dict[str, Any] = {
@@ -174,9 +175,9 @@ def save(
     state = {
         "model": model_state,
         "optim": optim_state,
-        _KEY: _wrapper_state(root, window, items, precision, skips, params, partial_grads),
+        _KEY: _wrapper_state(root, window, items, precision, skips, params, partial_grads, process_group),
     }
-    rank = _dist()[0]
+    rank = _dist(process_group)[0]
     if not async_save:
         state_dict_saver.save(state, checkpoint_id=path, process_group=process_group)
         _write_checksums(path, rank)
@@ -241,7 +242,7 @@ def _write_checksums(path: Path, rank: int) -> None:
 def _verify(path: Path, group: Any) -> None:
     """Check every file against its checksum, the ranks sharing the work; raise on every
     rank if any is missing, truncated or changed."""
-    rank, world = _dist()
+    rank, world = _dist(group)
     listed: dict[str, Any] = {}
     for sums in sorted(path.glob(_CHECKSUMS.format("*"))):
         listed.update(json.loads(sums.read_text()))
@@ -313,7 +314,7 @@ def _read_wrapper_state(path: Path, metadata: Any, group: Any) -> dict[str, Any]
     from torch.distributed.checkpoint import state_dict_loader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    rank = _dist()[0]
+    rank = _dist(group)[0]
     prefix = f"{_KEY}."
     template: dict[str, Any] = {}
     for key, meta in metadata.state_dict_metadata.items():
@@ -329,7 +330,7 @@ def _read_wrapper_state(path: Path, metadata: Any, group: Any) -> dict[str, Any]
     return _unflatten(template, _KEY)
 
 
-def _check_wrapper_state(saved: dict[str, Any], path: Path, window: AccumulationWindow) -> None:
+def _check_wrapper_state(saved: dict[str, Any], path: Path, window: AccumulationWindow, group: Any) -> None:
     fmt = saved.get("format")
     if fmt != FORMAT:
         raise ValueError(
@@ -347,7 +348,7 @@ def _check_wrapper_state(saved: dict[str, Any], path: Path, window: Accumulation
             "cannot be finished: resume with the same accumulative_counts, or checkpoint at the "
             "end of a window to change it; nothing was loaded"
         )
-    here = _dist()[1]
+    here = _dist(group)[1]
     if world != here:
         raise ValueError(
             f"the sharded checkpoint {str(path)!r} was taken inside an accumulation window on {world} "
@@ -370,10 +371,8 @@ def load(
     process_group: Any,
 ) -> None:
     """Check the checkpoint, load it into fresh buffers, then apply it all."""
-    from torch.distributed.checkpoint import state_dict_loader
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.state_dict import (
-        get_state_dict,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
@@ -391,14 +390,44 @@ def load(
         )
     _verify(path, process_group)
     saved = _read_wrapper_state(path, metadata, process_group)
-    _check_wrapper_state(saved, path, window)
+    _check_wrapper_state(saved, path, window, process_group)
     counters = window.check_saved(saved)
     scaler_state = precision.check_saved(saved.get("loss_scaler"))
     skipped = check_int(saved.get("skipped_steps", 0), f"{_KEY}.skipped_steps", 0)
     zeroed = check_int(saved.get("zeroed_steps", 0), f"{_KEY}.zeroed_steps", 0)
-    rank = _dist()[0]
+    rank = _dist(process_group)[0]
     own = saved.get(f"rank{rank}", {})
     items_window = ItemWindow.check_saved(own.get("items"), f"{_KEY}.rank{rank}.items")
+
+    fresh_optimizer = not optimizer.state
+    try:
+        template, grads = _read_all(path, keys, root, optimizer, params, saved, rank, process_group)
+    except BaseException:
+        if fresh_optimizer:  # get_state_dict made its state (a step with lr 0): undo it
+            optimizer.state.clear()
+        raise
+
+    # Everything is read and checked: apply.
+    set_model_state_dict(root, template["model"])
+    set_optimizer_state_dict(root, optimizer, template["optim"])
+    if not template["optim"]["state"]:
+        optimizer.state.clear()
+    for _, _, _, drop in fsdp2_unreduced_grads(root):  # a rollback: the live window goes
+        drop()
+    plan = _checkpoint.LoadPlan(
+        optimizer_state={}, counters=counters, grads=grads, items_window=items_window, scaler_state=scaler_state
+    )
+    _checkpoint.apply_window(plan, optimizer, window, items, precision, params)
+    skips.load(skipped, zeroed, params[0].device if params else None)
+
+
+def _read_all(
+    path: Path, keys: Mapping[str, Any], root: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    params: list[Tensor], saved: dict[str, Any], rank: int, process_group: Any,
+) -> tuple[dict[str, Any], tuple[Tensor | None, ...] | None]:
+    """Read model, optimizer and window gradients into fresh buffers: (template, grads)."""
+    from torch.distributed.checkpoint import state_dict_loader
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     # The template: fresh buffers shaped like this run's shards; DCP reshards into them.
     model_state, optim_state = get_state_dict(root, optimizer)
@@ -432,16 +461,4 @@ def load(
     if saved.get("partial"):
         loaded = {id(param): template[key] for key, param in wanted.items()}
         grads = tuple(loaded.get(id(p)) for p in params)
-
-    # Everything is read and checked: apply.
-    set_model_state_dict(root, template["model"])
-    set_optimizer_state_dict(root, optimizer, template["optim"])
-    if not template["optim"]["state"]:
-        optimizer.state.clear()
-    for _, _, _, drop in fsdp2_unreduced_grads(root):  # a rollback: the live window goes
-        drop()
-    plan = _checkpoint.LoadPlan(
-        optimizer_state={}, counters=counters, grads=grads, items_window=items_window, scaler_state=scaler_state
-    )
-    _checkpoint.apply_window(plan, optimizer, window, items, precision, params)
-    skips.load(skipped, zeroed, params[0].device if params else None)
+    return template, grads

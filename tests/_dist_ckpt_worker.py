@@ -173,8 +173,18 @@ def bad_checkpoints(folder: Path) -> dict[str, Any]:
     other_acc = make_wrapper(model2, "fp32", acc=2)
     errors["other_acc"] = _error(lambda: other_acc.load_sharded(good, model2))
     unchanged = all(torch.equal(a, b) for a, b in zip(before, params_of(model2)))
+    # another model: one more layer (2 parameters, 6 AdamW states), refused once its
+    # template is built (torch made a state for the fresh optimizer: undone)
+    from torch.distributed.fsdp import fully_shard
+
+    bigger = nn.Sequential(*make_model(), nn.Tanh(), nn.Linear(3, 3))
+    for module in (bigger[0], bigger[2], bigger[4], bigger):
+        fully_shard(module)
+    other_model = make_wrapper(bigger, "fp32")
+    errors["other_model"] = _error(lambda: other_model.load_sharded(good, bigger))
     return {"errors": errors, "unchanged": unchanged, "inner": fresh.inner_count,
-            "optimizer_state": len(fresh.optimizer.state), "grads": [p.grad is None for p in model2.parameters()]}
+            "optimizer_state": len(fresh.optimizer.state) + len(other_model.optimizer.state),
+            "grads": [p.grad is None for p in [*model2.parameters(), *bigger.parameters()]]}
 
 
 # -- resharding: a window-end checkpoint on one number of ranks, loaded on another ----------
