@@ -97,11 +97,11 @@ def mid_window(make: Callable[[], nn.Module], precision: str, items: bool, folde
     for i in range(SAVE_AT):
         step(wrapper, model, i, rank, items)
     saved = wrapper.save_sharded(path, model, async_save=async_save)
+    for i in range(SAVE_AT, N_ITERS):  # an async save is written meanwhile
+        step(wrapper, model, i, rank, items)
     if async_save:
         assert saved is not None
         saved.result(timeout=60)
-    for i in range(SAVE_AT, N_ITERS):
-        step(wrapper, model, i, rank, items)
     saver = state_of(model, wrapper)
     # the resumed run: a fresh process would build the same and load
     model = make()
