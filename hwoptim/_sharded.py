@@ -181,6 +181,8 @@ def save(
     if not async_save:
         state_dict_saver.save(state, checkpoint_id=path, process_group=process_group)
         _write_checksums(path, rank)
+        if _dist(process_group)[1] > 1:  # complete on every rank when this returns
+            torch.distributed.barrier(group=process_group)
         return None
     if process_group is None:
         process_group = _background_group()

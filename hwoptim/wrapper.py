@@ -553,8 +553,9 @@ class OptimWrapper:
         training goes on from there (docs/checkpoints.md, "Sharded checkpoints with DCP").
 
         .. note::
-            A checkpoint is complete once its checksum files are written; ``load_sharded``
-            refuses one without them.
+            A checkpoint is complete once every rank wrote its checksum file: when
+            ``save_sharded`` returns on any rank, or when every rank's Future of an async
+            save is done. ``load_sharded`` refuses one that is not.
         """
         return _sharded.save(
             checkpoint_id, model, self.optimizer, self._window, self._items, self._precision, self._skips,
