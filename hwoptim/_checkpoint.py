@@ -23,7 +23,7 @@ from hwoptim._window import STATE_KEY, AccumulationWindow
 from hwoptim.backends.base import unwrap_compiled
 from hwoptim.num_items import ItemWindow, SavedWindow
 
-__all__ = ["STATE_KEY", "LoadPlan", "apply", "plan", "save"]
+__all__ = ["STATE_KEY", "LoadPlan", "apply", "apply_window", "plan", "save"]
 
 #: keys of a wrapper checkpoint that are not the optimizer's
 _WRAPPER_KEYS = frozenset({STATE_KEY, "loss_scaler", "base_param_settings"})
@@ -87,7 +87,8 @@ def save(
                 "save_partial_grads: this model is FSDP-sharded and FSDP keeps the window's "
                 "gradients inside itself, not in the parameters' .grad, so they are not saved "
                 "and a resume from this checkpoint misses the window's earlier micro-batches; "
-                "checkpoint at the end of a window instead"
+                "checkpoint at the end of a window, or use save_sharded(), which saves the window "
+                "under FSDP2 (docs/checkpoints.md)"
             )
         else:
             counters["grads"] = {i: p.grad.detach() for i, p in enumerate(params) if p.grad is not None}
@@ -191,6 +192,19 @@ def apply(
     """Apply a plan. The optimizer loads first: its load is the one that checks more than
     ``plan`` did, and it changes nothing when it fails."""
     optimizer.load_state_dict(load_plan.optimizer_state)
+    apply_window(load_plan, optimizer, window, items, precision, params)
+
+
+def apply_window(
+    load_plan: LoadPlan,
+    optimizer: torch.optim.Optimizer,
+    window: AccumulationWindow,
+    items: ItemWindow,
+    precision: NoScaling,
+    params: list[Tensor],
+) -> None:
+    """Apply everything of a plan but the optimizer's state (loaded by the caller): the
+    counters, the window's gradients and item count, the loss scaler."""
     if load_plan.counters is not None:
         window.load(*load_plan.counters)
     # The window becomes the checkpoint's: its saved gradients and item count, else none;

@@ -99,6 +99,19 @@ class SkipCounter:
         """Put back the counts of ``snapshot``."""
         self.skipped, self.zeroed = snapshot
 
+    def counts(self) -> tuple[int, int]:
+        """(skipped, zeroed) as ints, for a checkpoint (a host sync)."""
+        self.fold()
+        return tuple(0 if c is None else int(c.item()) for c in (self.skipped, self.zeroed))  # type: ignore[return-value]
+
+    def load(self, skipped: int, zeroed: int, device: torch.device | None) -> None:
+        """Set the counts to a checkpoint's (None stays None when both are 0)."""
+        self._pending.clear()
+        if skipped == zeroed == 0 and self.skipped is None:
+            return
+        self.skipped = torch.tensor(float(skipped), device=device)
+        self.zeroed = torch.tensor(float(zeroed), device=device)
+
     @property
     def pending(self) -> int:
         """Records not folded yet."""

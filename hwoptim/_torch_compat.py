@@ -16,6 +16,7 @@ from torch import Tensor
 __all__ = [
     "add_to_scaler_found_inf",
     "forget_scaler_step",
+    "fsdp2_unreduced_grads",
     "has_batch_norm",
     "note_scheduler_call",
     "scaler_found_inf",
@@ -104,3 +105,36 @@ def has_batch_norm(model: Any) -> bool:
     """Whether ``model`` has batch norm layers (torch's ``_BatchNorm`` base)."""
     batch_norm = torch.nn.modules.batchnorm._BatchNorm
     return isinstance(model, torch.nn.Module) and any(isinstance(m, batch_norm) for m in model.modules())
+
+
+def fsdp2_unreduced_grads(
+    model: torch.nn.Module,
+) -> list[tuple[Tensor, Tensor, float | None, Callable[[], None]]]:
+    """FSDP2's gradients kept unsharded while it skipped the reduce-scatter.
+
+    One ``(sharded parameter, unsharded gradient, divide factor, drop)`` per parameter
+    that has one; the factor is the group's ``gradient_divide_factor`` (None: FSDP2's
+    default, the data-parallel size); ``drop()`` forgets the gradient, so FSDP2 does not
+    reduce it again. Reads ``_get_fsdp_state``,
+    ``_fsdp_param_group.fsdp_params`` and each ``FSDPParam``'s ``_unsharded_param`` and
+    ``unsharded_accumulated_grad`` (torch 2.6 to 2.13).
+    """
+    found: list[tuple[Tensor, Tensor, float | None, Callable[[], None]]] = []
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        group = getattr(get_state(), "_fsdp_param_group", None) if callable(get_state) else None
+        for fsdp_param in getattr(group, "fsdp_params", ()):
+            accumulated = getattr(fsdp_param, "unsharded_accumulated_grad", None)
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            grad = accumulated if accumulated is not None else getattr(unsharded, "grad", None)
+            if grad is None:
+                continue
+
+            def drop(fsdp_param: Any = fsdp_param, unsharded: Any = unsharded) -> None:
+                fsdp_param.unsharded_accumulated_grad = None
+                if unsharded is not None:
+                    unsharded.grad = None
+
+            factor = getattr(group, "gradient_divide_factor", None)
+            found.append((fsdp_param.sharded_param, grad, factor, drop))
+    return found

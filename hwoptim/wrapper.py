@@ -18,14 +18,16 @@ reads a device tensor back to the host.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from hwoptim import _checkpoint, _extensions
+from hwoptim import _checkpoint, _extensions, _sharded
 from hwoptim._binding import ModelBinding, NoSync
 from hwoptim._guard import Guard
 from hwoptim._numbers import check_flag
@@ -529,6 +531,57 @@ class OptimWrapper:
         """Apply a checked plan."""
         _checkpoint.apply(plan, self.optimizer, self._window, self._items, self._precision, self._binding.params())
         self._binding.forget_params()  # the parameters may have been re-grouped
+
+    def save_sharded(
+        self, checkpoint_id: str | os.PathLike[str], model: Any, *, async_save: bool = False,
+        process_group: Any = None,
+    ) -> Future[None] | None:
+        """Save ``model``, the optimizer and this wrapper's state as one sharded checkpoint
+        with torch.distributed.checkpoint (each rank writes its own shards).
+
+        Args:
+            checkpoint_id: the checkpoint's folder (made if missing).
+            model: the model the optimizer trains (FSDP2/HSDP, DDP or a plain module).
+            async_save: save with ``dcp.async_save``: the state is copied to the host
+                before this returns and written in the background; returns a Future that
+                is done once the checkpoint, checksums included, is complete.
+            process_group: the group DCP coordinates over (None: the default group).
+
+        Call it on every rank at the same point. Inside an accumulation window with
+        ``save_partial_grads=True`` the window is saved too; under FSDP2 its gradients are
+        first reduce-scattered into the sharded ``.grad`` (one extra collective), and
+        training goes on from there (docs/checkpoints.md, "Sharded checkpoints with DCP").
+
+        .. note::
+            A checkpoint is complete once every rank wrote its checksum file: when
+            ``save_sharded`` returns on any rank, or when every rank's Future of an async
+            save is done. ``load_sharded`` refuses one that is not.
+        """
+        return _sharded.save(
+            checkpoint_id, model, self.optimizer, self._window, self._items, self._precision, self._skips,
+            self._binding.params(), partial_grads=self._save_partial_grads, async_save=async_save,
+            process_group=process_group,
+        )
+
+    def load_sharded(self, checkpoint_id: str | os.PathLike[str], model: Any, *, process_group: Any = None) -> None:
+        """Load a checkpoint of ``save_sharded`` into ``model``, the optimizer and this wrapper.
+
+        Args:
+            checkpoint_id: the checkpoint's folder.
+            model: the model the optimizer trains, built and sharded as for training.
+            process_group: the group DCP coordinates over (None: the default group).
+
+        Call it on every rank. The checksums, the wrapper's part and every key are checked,
+        and the checkpoint is read into fresh buffers (one more copy of this rank's shards
+        while loading) before anything changes: on an error nothing was loaded. A checkpoint
+        taken at the end of a window loads on any number of ranks; one taken inside a
+        window with its gradients only on as many ranks as saved it.
+        """
+        _sharded.load(
+            checkpoint_id, model, self.optimizer, self._window, self._items, self._precision, self._skips,
+            self._binding.params(), process_group=process_group,
+        )
+        self._binding.forget_params()
 
     # -- copies: pickle, torch.save, copy.deepcopy ------------------------------------------
 

@@ -93,6 +93,14 @@ class OptimWrapperDict(OptimWrapper):
         """Not here: each wrapper has its own window."""
         self._call_named("should_sync")
 
+    def save_sharded(self, checkpoint_id: Any, model: Any, **kwargs: Any) -> NoReturn:
+        """Not here: each wrapper saves a sharded checkpoint with the model it trains."""
+        self._call_named("save_sharded")
+
+    def load_sharded(self, checkpoint_id: Any, model: Any, **kwargs: Any) -> NoReturn:
+        """Not here: each wrapper loads a sharded checkpoint with the model it trains."""
+        self._call_named("load_sharded")
+
     # -- what applies to every wrapper -----------------------------------------------------
 
     def zero_grad(self, **kwargs: Any) -> None:

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
      "hwoptim._skips", "hwoptim.compile"),
     ("hwoptim.backends", "hwoptim.backends.*"),
     ("hwoptim._extensions", "hwoptim._window", "hwoptim.clip", "hwoptim.num_items", "hwoptim._precision"),
-    ("hwoptim._guard", "hwoptim._binding", "hwoptim._checkpoint"),
+    ("hwoptim._guard", "hwoptim._binding", "hwoptim._checkpoint", "hwoptim._sharded"),
     ("hwoptim.wrapper",),
     ("hwoptim.amp", "hwoptim.wrapper_dict"),
     ("hwoptim.build", "hwoptim.testing", "hwoptim.testing.*"),
