@@ -160,7 +160,6 @@ class Guard:
         state = self.__dict__.copy()
         # the model's (rebuilt by bind), and the optimizer's hook (a copy has none)
         state["_clip_fn"] = state["_compiled_step"] = state["_step_seen"] = None
-        state["layout"] = None  # it names the original's parameters: made again from the copy's
         return state
 
     def layout_of(self, params: list[Tensor]) -> GroupLayout:
@@ -168,7 +167,7 @@ class Guard:
         optimizer's groups change, so the check per update is one identity test)."""
         layout = self.layout
         if layout is None or layout.params is not params:
-            layout = self.layout = GroupLayout(self._optimizer.param_groups, params)
+            layout = self.layout = GroupLayout(self._optimizer.param_groups, params, self.clip)
         return layout
 
     def group_norms(self) -> dict[GroupName, Tensor]:

@@ -64,9 +64,12 @@ class GroupLayout:
     gradient, so an update copies nothing from the host.
     """
 
-    __slots__ = ("_indices", "_limits", "names", "params", "slots")
+    __slots__ = ("_indices", "full_index", "limits", "names", "params", "slots")
 
-    def __init__(self, param_groups: Sequence[Mapping[str, Any]], params: list[Tensor]) -> None:
+    def __init__(
+        self, param_groups: Sequence[Mapping[str, Any]], params: list[Tensor],
+        clip: ClipGrad | None = None,
+    ) -> None:
         #: the flat parameter list this layout describes (compared by identity)
         self.params = params
         position: dict[Hashable, int] = {}
@@ -82,13 +85,25 @@ class GroupLayout:
             slots.extend([slot] * len(group["params"]))
         self.names: tuple[GroupName, ...] = tuple(position)  # type: ignore[arg-type]
         self.slots = slots
+        #: ``slots`` on the parameters' device, made here: outside compile_step's function,
+        #: so that its first call does not compile a cache miss into its guards
+        self.full_index: Tensor | None = None
+        if len(self.names) > 1 and params:
+            self.full_index = torch.tensor(slots, dtype=torch.long, device=params[0].device)
         self._indices: dict[tuple[Any, ...], Tensor] = {}
-        self._limits: dict[Any, Tensor] = {}
+        #: per_group clipping: each group's max_norm, float32 on the parameters' device
+        self.limits: Tensor | None = None
+        if clip is not None and clip.per_group and len(self.names) > 1 and params:
+            values = [clip.group_max_norms.get(name, clip.max_norm) for name in self.names]
+            self.limits = torch.tensor(values, dtype=torch.float32, device=params[0].device)
 
     def index(self, params: Sequence[Tensor], n_grads: int, device: torch.device) -> tuple[list[int], Tensor]:
         """The slots of the parameters of ``params`` that have a gradient, and the same as a
         long tensor on ``device`` (cached: built once per device and set)."""
+        full = self.full_index
         if n_grads == len(params):
+            if full is not None and full.device == device:
+                return self.slots, full
             key: tuple[Any, ...] = (device,)
             slots = self.slots
         else:
@@ -98,16 +113,6 @@ class GroupLayout:
         if found is None:
             found = self._indices[key] = torch.tensor(slots, dtype=torch.long, device=device)
         return slots, found
-
-    def limits(self, max_norms: Mapping[GroupName, float], default: float, device: torch.device,
-               dtype: torch.dtype) -> Tensor:
-        """Each group's max_norm as a tensor (a group ``max_norms`` does not name: ``default``)."""
-        key = (device, dtype)
-        found = self._limits.get(key)
-        if found is None:
-            values = [max_norms.get(name, default) for name in self.names]
-            found = self._limits[key] = torch.tensor(values, dtype=dtype, device=device)
-        return found
 
 
 class ClipGrad:
@@ -236,7 +241,7 @@ class ClipGrad:
                 )
             return self._module_norm_fn(module_clip, error)
         max_norm, norm_type, foreach = self.max_norm, self.norm_type, self.foreach
-        per_group, group_max_norms = self.per_group, self.group_max_norms
+        per_group = self.per_group
         clip_with_norm = _clip_with_norm_fn()
 
         def clip_norm(params: Sequence[Tensor], layout: GroupLayout | None = None) -> Norms:
@@ -248,8 +253,8 @@ class ClipGrad:
             norm, group_norms = _norms(params, grads, layout, norm_type, foreach)
             if error and not bool(torch.isfinite(norm)):  # opted in: this sync is the point
                 raise _nonfinite_error(norm)
-            if per_group and layout is not None and len(layout.names) > 1:
-                _clip_groups(params, grads, layout, group_norms, group_max_norms, max_norm)
+            if per_group and layout is not None and layout.limits is not None:
+                _clip_groups(params, grads, layout, layout.limits, group_norms)
             elif set(map(type, grads)) == _PLAIN:
                 clip_with_norm(params, max_norm, norm, foreach)
             else:  # torch's foreach ops refuse gradients on different meshes
@@ -329,12 +334,12 @@ def _no_norms(params: Sequence[Tensor], layout: GroupLayout | None) -> Norms:
 
 @torch.no_grad()
 def _clip_groups(
-    params: Sequence[Tensor], grads: list[Tensor], layout: GroupLayout, group_norms: Tensor,
-    group_max_norms: Mapping[GroupName, float], max_norm: float,
+    params: Sequence[Tensor], grads: list[Tensor], layout: GroupLayout, limits: Tensor,
+    group_norms: Tensor,
 ) -> None:
     """per_group: scale each group's gradients by min(1, its max_norm / (its norm + 1e-6)),
     torch's coefficient, on the device (one gather, then one multiply per gradient)."""
-    limits = layout.limits(group_max_norms, max_norm, group_norms.device, group_norms.dtype)
+    limits = limits.to(group_norms.device, group_norms.dtype)
     coef = torch.clamp(limits / (group_norms + 1e-6), max=1.0)
     _, index = layout.index(params, len(grads), group_norms.device)
     per_tensor = coef.index_select(0, index).unbind(0)

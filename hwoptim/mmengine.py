@@ -29,6 +29,10 @@ imports mmengine and a plain loop pays nothing):
   :class:`DeviceHistoryBuffer`, which reads all queued values in one transfer when the log
   processor asks, at the logging interval. In an OptimWrapperDict the keys are
   ``train/<name>.grad_norm`` and ``train/<name>.loss_scale``, as ``get_lr()`` names them.
+  With several param groups each group's norm (``wrapper.last_grad_norms``) goes there too,
+  as ``train/grad_norm/<group>`` (``train/<name>.grad_norm/<group>`` in a dict); past
+  ``MAX_LOGGED_GROUPS`` groups (paramwise_cfg's group per parameter), only the groups
+  with a ``"name"``.
   :func:`leave` stops this for a wrapper whose process imports mmengine for other reasons.
   With ``num_items`` the window's loss per item (``wrapper.last_loss``) goes there too,
   as ``train/item_loss``.
@@ -83,6 +87,7 @@ from hwoptim.wrapper import OptimWrapper
 from hwoptim.wrapper_dict import OptimWrapperDict
 
 __all__ = [
+    "MAX_LOGGED_GROUPS",
     "MODEL_WRAPPERS",
     "NUM_ITEMS",
     "OPTIM_WRAPPERS",
@@ -246,6 +251,8 @@ def _optimizer_type(name: str) -> Any:
 
 #: values queued on the device before they are folded into one tensor (no sync either way)
 _FOLD_EVERY = 256
+#: above this many param groups only the named ones are logged as train/grad_norm/<group>
+MAX_LOGGED_GROUPS = 32
 
 
 class DeviceHistoryBuffer(HistoryBuffer):  # type: ignore[misc]
@@ -363,12 +370,25 @@ class _LogAfterStep:
         self.item_loss_key = "train/item_loss"
         self.handle: Any = None  # the optimizer's handle, to remove this hook
         self.stepped = False  # whether the optimizer has stepped since the wrapper joined
+        # the per-group keys, made once per set of group names: (names, {group: key})
+        self._group_keys: tuple[tuple[Any, ...], dict[Any, str]] = ((), {})
 
     def name(self, name: str) -> None:
         """Log under ``train/<name>.grad_norm`` (a member of an OptimWrapperDict)."""
         self.grad_norm_key = f"train/{name}.grad_norm"
         self.loss_scale_key = f"train/{name}.loss_scale"
         self.item_loss_key = f"train/{name}.item_loss"
+        self._group_keys = ((), {})
+
+    def group_keys(self, names: tuple[Any, ...]) -> dict[Any, str]:
+        """``{group: "train/grad_norm/<group>"}`` of the groups logged: none for one group
+        (that is train/grad_norm), only the named ones past MAX_LOGGED_GROUPS."""
+        known, keys = self._group_keys
+        if names != known:
+            logged = names if len(names) <= MAX_LOGGED_GROUPS else [n for n in names if isinstance(n, str)]
+            keys = {} if len(names) < 2 else {n: f"{self.grad_norm_key}/{n}" for n in logged}
+            self._group_keys = (names, keys)
+        return keys
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         wrapper = self._wrapper()
@@ -391,6 +411,11 @@ class _LogAfterStep:
             _buffer(hub, self.item_loss_key).push(item_loss)
         if norm is not None:
             _buffer(hub, self.grad_norm_key).push(norm)
+            groups = wrapper.last_grad_norms
+            if len(groups) > 1:
+                keys = self.group_keys(tuple(groups))
+                for group, key in keys.items():
+                    _buffer(hub, key).push(groups[group])
         if scale is not None:
             # the scaler updates this tensor in place after the step: keep this step's value
             _buffer(hub, self.loss_scale_key).push(scale.clone())
