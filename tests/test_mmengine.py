@@ -370,7 +370,7 @@ def test_one_param_group_logs_no_per_group_norm_and_many_only_the_named(tmp_path
     runner = train(tmp_path, optim_wrapper=fp32_config("hwoptim.OptimWrapper"))
     assert not any(k.startswith("train/grad_norm/") for k in runner.message_hub.log_scalars)
     hook = bridge._LogAfterStep(runner.optim_wrapper)
-    many = tuple(range(bridge.MAX_LOGGED_GROUPS)) + ("head",)
+    many = (*range(bridge.MAX_LOGGED_GROUPS), "head")
     assert hook.group_keys(many) == {"head": "train/grad_norm/head"}
     assert hook.group_keys((0, "head")) == {0: "train/grad_norm/0", "head": "train/grad_norm/head"}
     hook.name("gen")
