@@ -83,12 +83,15 @@ def norms_by_group(
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``grad_norms`` for tensors given flat, ``group_of[i]`` the group of ``flat[i]``
-    (groups need not be contiguous): the clip's call, with ``index`` the same as a device
-    tensor when the caller keeps one (built once, so no host-to-device copy per update)."""
+    (groups need not be contiguous; with one group it may be empty): the clip's call, with
+    ``index`` the same as a device tensor when the caller keeps one (built once, so no
+    host-to-device copy per update)."""
     if not flat:
         return torch.zeros((), device=device), torch.zeros(n_groups, device=device)
     if set(map(type, flat)) == _PLAIN or not any(hasattr(t, "placements") for t in flat):
         return _local_norms(list(flat), group_of, n_groups, p, foreach, index)
+    if n_groups == 1 and len(group_of) != len(flat):  # one group: ``group_of`` may be left empty
+        group_of = [0] * len(flat)
     return _distributed_norms(list(flat), group_of, n_groups, p, foreach)
 
 
