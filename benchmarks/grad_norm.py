@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if not dist.is_initialized():  # one rank: the DTensor rows need a process group
         dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     print(f"# torch {torch.__version__}, 1 thread, {args.rounds} rounds x {args.repeat} calls")
-    header = f"{'model':<6} {'tensors':>7} {'groups':>6} {'variant':<12} {'us/update':>10} {'ratio':>6} base"
+    header = f"{'model':<6} {'tensors':>7} {'groups':>6} {'variant':<17} {'us/update':>10} {'ratio':>6} base"
     print(header)
     print("-" * len(header))
     results = []
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = statistics.median(t / b for t, b in zip(times[name], base))
             groups = {"norms_2": 2, "clip_groups_2": 2, "mesh_2": 2, "norms_layer": len(layers),
                       "clip_groups_layer": len(layers), "clip_per_group": len(layers)}.get(name, 1)
-            print(f"{kind:<6} {len(params):>7} {groups:>6} {name:<12} {us:10.1f} {ratio:6.2f} {BASE[name]}")
+            print(f"{kind:<6} {len(params):>7} {groups:>6} {name:<17} {us:10.1f} {ratio:6.2f} {BASE[name]}")
             results.append({"model": kind, "tensors": len(params), "groups": groups, "variant": name,
                             "us_per_update": round(us, 2), "ratio": round(ratio, 3),
                             "base": BASE[name]})
