@@ -328,7 +328,7 @@ def run_demo(
         "zeroed_steps": 0 if zeroed is None else int(zeroed),
         # the last update's norm per layer, and the layers with inf/nan at the last bad one
         "group_norms": "  ".join(f"{n} {v:.3g}" for n, v in zip(DEMO_GROUPS, per_layer[-1])) if per_layer else "-",
-        "bad_groups": ", ".join(n for n, flag in zip(bad, bad_flags) if flag) or "-",
+        "bad_groups": ", ".join(str(n) for n, flag in zip(bad, bad_flags) if flag) or "-",
         "loss_before": before,
         "loss_after": after,
         "ms_per_step": 1000 * elapsed / steps,

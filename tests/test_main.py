@@ -4,10 +4,9 @@ collectives and versions) and the demo run."""
 
 from __future__ import annotations
 
-import math
-
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
