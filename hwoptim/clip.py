@@ -77,7 +77,7 @@ class GroupLayout:
         for name, group in zip(group_names(param_groups), param_groups):
             try:
                 slot = position.setdefault(name, len(position))
-            except TypeError:  # an unhashable "name": use the index
+            except TypeError:  # an unhashable "name"
                 raise TypeError(
                     f"param group names must be str or int (dict keys, log keys); got "
                     f"{type(name).__name__} {name!r}: set group['name'] to a string"
@@ -200,8 +200,9 @@ class ClipGrad:
         return out
 
     def check_groups(self, param_groups: Sequence[Mapping[str, Any]]) -> None:
-        """Refuse a per-group max_norm naming a group the optimizer does not have (at
-        construction: nothing is built yet)."""
+        """Refuse a param group name that cannot be a key, and a per-group max_norm naming a
+        group the optimizer does not have (at construction: nothing is built yet)."""
+        GroupLayout(param_groups, [])  # the names must be keys: refused here, not at the first update
         if not self.group_max_norms:
             return
         known = group_names(param_groups)
