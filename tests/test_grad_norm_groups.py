@@ -342,7 +342,7 @@ def test_bad_per_group_configs_are_refused_at_construction(clip_grad, error, mes
 def test_a_group_name_that_cannot_be_a_key_is_refused_at_construction():
     model = _model()
     opt = torch.optim.SGD([dict(params=model.parameters(), name=["a"])], lr=0.1)
-    with pytest.raises(TypeError, match="param group names must be str or int .* got list"):
+    with pytest.raises(TypeError, match=r"param group names must be str or int .* got list"):
         hwoptim.OptimWrapper(opt, clip_grad=dict(max_norm=1.0))
     hwoptim.OptimWrapper(opt)  # without clip_grad no norm is named: nothing to refuse
 
