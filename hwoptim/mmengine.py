@@ -406,6 +406,14 @@ class _LogAfterStep:
         item_loss = wrapper._last_loss
         if norm is None and scale is None and item_loss is None:
             return
+        self._queue(wrapper, norm, scale, item_loss)
+
+    # run eagerly inside a compiled update too: the queues change length at every push, which
+    # traced code would guard on and recompile for (nothing in here is worth compiling)
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def _queue(self, wrapper: OptimWrapper, norm: Tensor | None, scale: Tensor | None,
+               item_loss: Tensor | None) -> None:
+        """Push this update's values into the current MessageHub's device-side buffers."""
         hub = MessageHub.get_current_instance()
         if item_loss is not None:  # a new tensor per update: nothing overwrites it
             _buffer(hub, self.item_loss_key).push(item_loss)
@@ -413,8 +421,7 @@ class _LogAfterStep:
             _buffer(hub, self.grad_norm_key).push(norm)
             groups = wrapper.last_grad_norms
             if len(groups) > 1:
-                keys = self.group_keys(tuple(groups))
-                for group, key in keys.items():
+                for group, key in self.group_keys(tuple(groups)).items():
                     _buffer(hub, key).push(groups[group])
         if scale is not None:
             # the scaler updates this tensor in place after the step: keep this step's value

@@ -968,3 +968,31 @@ def test_a_python_config_that_imports_hwoptim_cannot_take_base(tmp_path):
     )
     with pytest.raises(Exception, match="_base_"):
         Config.fromfile(str(tmp_path / "config.py"))
+
+
+def test_compiled_updates_log_their_group_norms_and_compile_nothing_more():
+    """compile_step with named groups under mmengine: each update's per-group norms reach
+    the hub (pushed eagerly, outside the compiled update), with no recompile."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    hub = MessageHub.get_instance(f"compiled-groups-{uuid.uuid4().hex}")
+    model = Net()
+    groups = [dict(params=model.fc1.parameters(), name="fc1"), dict(params=model.fc2.parameters(), name="fc2")]
+    wrapper = hwoptim.OptimWrapper(torch.optim.SGD(groups, lr=0.1), clip_grad=dict(max_norm=1.0),
+                                   compile_step=dict(backend="eager"))
+    norms = []
+    data = Data()
+    for i in range(6):
+        with wrapper.optim_context(model):
+            loss = model(data.x[i : i + 1], data.y[i : i + 1])["loss"]
+        wrapper.update_params(loss)
+        norms.append(float(wrapper.last_grad_norms["fc2"]))
+        if i == 1:
+            graphs = int(counters["stats"]["unique_graphs"])
+    assert int(counters["stats"]["unique_graphs"]) == graphs
+    assert wrapper._guard.compiled is not None and wrapper._guard.compiled.compiled
+    assert hub.get_scalar("train/grad_norm/fc2").data[0].tolist() == pytest.approx(norms)
+    assert len(hub.get_scalar("train/grad_norm/fc1").data[0]) == 6
+    torch._dynamo.reset()
