@@ -147,8 +147,8 @@ def _progress(total: int, enabled: bool) -> Any:
 #: what --plot draws; the --help text and the figure's notes say the same
 PLOT_HELP = (
     "save a figure (PNG, or any format matplotlib writes, by the file's extension) of the "
-    "loss at every micro-batch, the gradient norm before clipping at every update (with "
-    "--clip > 0) and, under float16, the loss scale at every update; bfloat16 and float32 "
+    "loss at every micro-batch, the gradient norm before clipping at every update, in total "
+    "and per layer (with --clip > 0) and, under float16, the loss scale at every update; bfloat16 and float32 "
     "have no loss scaler, and the figure says so in place of that curve"
 )
 
@@ -188,6 +188,9 @@ class Series:
     def __init__(self, panel: str, label: str, steps: list[int], values: list[float], **style: Any) -> None:
         self.panel, self.label, self.steps, self.values, self.style = panel, label, steps, values, style
 
+
+#: the demo model's param groups, one per Linear layer
+DEMO_GROUPS = ("in", "hidden", "out")
 
 #: the figure's panels, top to bottom: (name, y label, log scale)
 PANELS = (("loss", "loss (MSE)", True), ("grad_norm", "gradient norm", True), ("loss_scale", "loss scale", True))
@@ -252,7 +255,10 @@ def run_demo(
     # replaces the parameters, and the optimizer must hold the new ones.
     backend = get_backend(device)
     model.to(backend.device())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    # a named param group per layer: the wrapper reports each one's norm (last_grad_norms)
+    optimizer = torch.optim.AdamW(
+        [dict(params=model[i].parameters(), name=name) for i, name in zip((0, 2, 4), DEMO_GROUPS)], lr=lr
+    )
     wrapper = AmpOptimWrapper(
         optimizer, device=backend, dtype=dtype, accumulative_counts=accum,
         clip_grad=dict(max_norm=clip) if clip > 0 else None,
@@ -271,6 +277,7 @@ def run_demo(
     losses = torch.zeros(steps, device=wrapper.device)  # every step's loss, on the device
     update_steps: list[int] = []
     norms: list[torch.Tensor] = []  # per update, on the device
+    group_norms: list[torch.Tensor] = []  # per update, one entry per layer, on the device
     scales: list[torch.Tensor] = []
     start = time.perf_counter()
     for step in range(steps):
@@ -283,6 +290,7 @@ def run_demo(
             norm, scale = wrapper.last_grad_norm, wrapper.loss_scale
             if norm is not None:
                 norms.append(norm.detach().clone())
+                group_norms.append(torch.stack(list(wrapper.last_grad_norms.values())).detach().clone())
             if scale is not None:  # the scaler's own tensor, which it changes in place
                 scales.append(scale.detach().clone())
         # Read device values only every log_every steps: one host sync per N steps.
@@ -306,6 +314,9 @@ def run_demo(
         bar.close()
     before, after = loss_before.item(), held_out_loss().item()
     skipped, zeroed = wrapper.skipped_steps, wrapper.zeroed_steps
+    per_layer = torch.stack(group_norms).float().tolist() if group_norms else []  # one read
+    bad = wrapper.nonfinite_groups
+    bad_flags = torch.stack(list(bad.values())).tolist() if bad else []
     summary = {
         "device": str(wrapper.device),
         "backend": wrapper.backend.name,
@@ -315,6 +326,9 @@ def run_demo(
         "updates": len(update_steps),
         "skipped_steps": 0 if skipped is None else int(skipped),
         "zeroed_steps": 0 if zeroed is None else int(zeroed),
+        # the last update's norm per layer, and the layers with inf/nan at the last bad one
+        "group_norms": "  ".join(f"{n} {v:.3g}" for n, v in zip(DEMO_GROUPS, per_layer[-1])) if per_layer else "-",
+        "bad_groups": ", ".join(str(n) for n, flag in zip(bad, bad_flags) if flag) or "-",
         "loss_before": before,
         "loss_after": after,
         "ms_per_step": 1000 * elapsed / steps,
@@ -328,6 +342,9 @@ def run_demo(
         if norms:
             series.append(Series("grad_norm", "grad norm before clipping, per update", update_steps,
                                  torch.stack(norms).float().tolist(), marker=".", markersize=3))
+            for name, values in zip(DEMO_GROUPS, zip(*per_layer)):
+                series.append(Series("grad_norm", f"layer '{name}' (wrapper.last_grad_norms)", update_steps,
+                                     list(values), linewidth=0.8, alpha=0.8))
             series.append(Series("grad_norm", f"clip max_norm = {clip:g}", [0, steps], [clip, clip],
                                  linestyle=":", color="gray"))
         else:

@@ -70,15 +70,29 @@ def grad_norms(
     if not p > 0:
         raise ValueError(f"norm_type must be a positive number or inf; got {norm_type!r}")
     flat: list[Tensor] = []
-    sizes: list[int] = []
-    for group in groups:
+    group_of: list[int] = []
+    for index, group in enumerate(groups):
         flat.extend(group)
-        sizes.append(len(group))
+        group_of.extend([index] * len(group))
+    return norms_by_group(flat, group_of, len(groups), p, foreach, device=device)
+
+
+def norms_by_group(
+    flat: Sequence[Tensor], group_of: Sequence[int], n_groups: int, p: float,
+    foreach: bool | None = None, *, index: Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``grad_norms`` for tensors given flat, ``group_of[i]`` the group of ``flat[i]``
+    (groups need not be contiguous; with one group it may be empty): the clip's call, with
+    ``index`` the same as a device tensor when the caller keeps one (built once, so no
+    host-to-device copy per update)."""
     if not flat:
-        return torch.zeros((), device=device), torch.zeros(len(sizes), device=device)
+        return torch.zeros((), device=device), torch.zeros(n_groups, device=device)
     if set(map(type, flat)) == _PLAIN or not any(hasattr(t, "placements") for t in flat):
-        return _local_norms(flat, sizes, p, foreach)
-    return _distributed_norms(flat, sizes, p, foreach)
+        return _local_norms(list(flat), group_of, n_groups, p, foreach, index)
+    if n_groups == 1 and len(group_of) != len(flat):  # one group: ``group_of`` may be left empty
+        group_of = [0] * len(flat)
+    return _distributed_norms(list(flat), group_of, n_groups, p, foreach)
 
 
 def by_mesh(params: Sequence[Tensor]) -> list[list[Tensor]]:
@@ -95,32 +109,46 @@ def by_mesh(params: Sequence[Tensor]) -> list[list[Tensor]]:
 
 
 def _local_norms(
-    flat: list[Tensor], sizes: list[int], p: float, foreach: bool | None
+    flat: list[Tensor], group_of: Sequence[int], n_groups: int, p: float, foreach: bool | None,
+    index: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """All tensors whole on this rank: torch's get_total_norm, with the groups' norms."""
+    """All tensors whole on this rank: torch's get_total_norm, with the groups' norms.
+
+    The total is ``vector_norm`` of the per-tensor norms, as torch's (bit for bit, however
+    the tensors are grouped); each group's norm is one scatter of the same per-tensor norms
+    (no second pass over the tensors, a few small kernels whatever the number of groups)."""
     first = flat[0].device
-    norms = _per_tensor_norms(flat, p, foreach)
-    stacked = torch.stack([n.to(first) for n in norms])
-    if len(sizes) == 1:
-        total = torch.linalg.vector_norm(stacked, p)
+    norms, one_device = _per_tensor_norms(flat, p, foreach)
+    stacked = torch.stack(norms if one_device else [n.to(first) for n in norms])
+    total = torch.linalg.vector_norm(stacked, p)
+    if n_groups == 1:
         return total, total.reshape(1)
-    zero = stacked.new_zeros(())
-    per_group = torch.stack([
-        torch.linalg.vector_norm(part, p) if part.numel() else zero
-        for part in torch.split(stacked, sizes)
-    ])
-    return torch.linalg.vector_norm(per_group, p), per_group
+    if index is None:
+        index = torch.tensor(group_of, dtype=torch.long).to(first, non_blocking=True)
+    zeros = stacked.new_zeros(n_groups)
+    if p == math.inf:
+        return total, zeros.scatter_reduce_(0, index, stacked, "amax")
+    powered = stacked if p == 1.0 else stacked * stacked if p == 2.0 else stacked.pow(p)
+    sums = zeros.index_add_(0, index, powered)
+    per_group = sums if p == 1.0 else sums.sqrt_() if p == 2.0 else sums.pow_(1.0 / p)
+    return total, per_group
 
 
-def _per_tensor_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
+def _per_tensor_norms(
+    tensors: list[Tensor], p: float, foreach: bool | None
+) -> tuple[list[Tensor], bool]:
     """The p-norm of each tensor, in order: one foreach kernel per device and dtype (as
-    torch's get_total_norm). An empty tensor's norm is 0 (its max norm included)."""
+    torch's get_total_norm), and whether they are all on one device. An empty tensor's
+    norm is 0 (its max norm included)."""
     if p == math.inf and any(t.numel() == 0 for t in tensors):
         full = [t for t in tensors if t.numel()]
         if not full:
-            return [t.new_zeros(()) for t in tensors]
-        found = iter(_per_tensor_norms(full, p, foreach))
-        return [next(found) if t.numel() else t.new_zeros(()) for t in tensors]
+            return [t.new_zeros(()) for t in tensors], len({t.device for t in tensors}) == 1
+        found_norms, _ = _per_tensor_norms(full, p, foreach)
+        found = iter(found_norms)
+        return [next(found) if t.numel() else t.new_zeros(()) for t in tensors], len(
+            {t.device for t in tensors}
+        ) == 1
     grouped = _group_tensors_by_device_and_dtype([tensors], with_indices=True)  # type: ignore[list-item]
     ordered: list[Tensor | None] = [None] * len(tensors)
     for (device, _), ([bucket], indices) in grouped.items():
@@ -137,17 +165,17 @@ def _per_tensor_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> 
         else:
             norms = [torch.linalg.vector_norm(t, p) for t in device_tensors]
         if len(grouped) == 1:
-            return norms
+            return norms, True
         for index, norm in zip(indices, norms):
             ordered[index] = norm
-    return ordered  # type: ignore[return-value]
+    return ordered, len({device for device, _ in grouped}) == 1  # type: ignore[return-value]
 
 
 # -- DTensors -----------------------------------------------------------------------------------
 
 
 def _distributed_norms(
-    flat: list[Tensor], sizes: list[int], p: float, foreach: bool | None
+    flat: list[Tensor], group_of: Sequence[int], n_groups: int, p: float, foreach: bool | None
 ) -> tuple[Tensor, Tensor]:
     """Some tensors are DTensors: each mesh's share reduced over its ranks, then combined."""
     import torch.distributed as dist
@@ -156,7 +184,6 @@ def _distributed_norms(
     locals_: list[Tensor] = []
     where: list[tuple[Any, int, int]] = []  # (reduction key, group, copies) of each local
     meshes: dict[int, Any] = {}  # reduction key -> mesh, for the meshes of fewer ranks
-    group_of = [g for g, size in enumerate(sizes) for _ in range(size)]
     for tensor, group in zip(flat, group_of):
         mesh = getattr(tensor, "device_mesh", None)
         if mesh is None:  # whole on every rank: the average of its copies
@@ -174,7 +201,7 @@ def _distributed_norms(
         else:
             meshes.setdefault(id(mesh), mesh)
             where.append((id(mesh), group, copies))
-    norms = _per_tensor_norms(locals_, p, foreach)
+    norms, _ = _per_tensor_norms(locals_, p, foreach)
     device = locals_[0].device
     dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
 
@@ -191,7 +218,7 @@ def _distributed_norms(
             part = stacked.pow(p).sum()
             if copies > 1:
                 part = part / copies
-        slots = shares.setdefault(key, [None] * len(sizes))
+        slots = shares.setdefault(key, [None] * n_groups)
         old = slots[group]
         slots[group] = part if old is None else _combine(old, part, p)
     zero = torch.zeros((), device=device, dtype=dtype)

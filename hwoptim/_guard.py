@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 
 from hwoptim import _torch_compat
+from hwoptim._grad_norm import _PLAIN
 from hwoptim._precision import NoScaling
 from hwoptim._skips import NONFINITE, SKIPPED, ZEROED, SkipCounter
-from hwoptim.clip import ClipFn, ClipGrad, nonfinite_flag
+from hwoptim.clip import ClipFn, ClipGrad, GroupLayout, GroupName, nonfinite_flag
 from hwoptim.compile import CompiledUpdate
 
 __all__ = ["EXACT", "FUSED", "ZERO", "Guard"]
@@ -30,6 +31,14 @@ __all__ = ["EXACT", "FUSED", "ZERO", "Guard"]
 FUSED = 0  # ints, compared with ==: a copied wrapper's policy must still match
 EXACT = 1
 ZERO = 2
+
+
+def _by_mesh(grads: list[Tensor]) -> list[list[Tensor]]:
+    """``grads`` split by their mesh (plain ones together)."""
+    buckets: dict[Any, list[Tensor]] = {}
+    for grad in grads:
+        buckets.setdefault(getattr(grad, "device_mesh", None), []).append(grad)
+    return list(buckets.values())
 
 
 def _bad_update(norm: Tensor | None, empty: Tensor | None) -> Tensor:
@@ -104,7 +113,8 @@ def _note_steps(optimizer: torch.optim.Optimizer) -> list[bool]:
 class Guard:
     """The clip function, the non-finite policy and the one update body (eager and compiled).
 
-    Holds ``last_grad_norm``; writes the skip counter; calls the precision policy.
+    Holds ``last_grad_norm`` and the per-group norms (``group_norms``) of the param groups'
+    layout; writes the skip counter; calls the precision policy.
     """
 
     def __init__(
@@ -125,9 +135,16 @@ class Guard:
         self._fused = fused = _torch_compat.takes_found_inf(optimizer)
         #: the non-finite policy (without a scaler's found_inf)
         self.policy = FUSED if fused else EXACT if exact_skip else ZERO
-        self._zero_clamped = clip is not None and clip.kind == "value"
+        # value and per-group clipping leave finite gradients beside an inf/nan one: a bad
+        # update's step must still see only zeros
+        self._zero_clamped = clip is not None and (clip.kind == "value" or clip.per_group)
         #: the total gradient norm before the last clipping (a device tensor)
         self.last_grad_norm: Tensor | None = None
+        #: each group's norm before the last clipping, in ``layout.names`` order (None: none
+        #: yet, or a clip that has none: FSDP1's own)
+        self.last_group_norms: Tensor | None = None
+        #: the named groups of the optimizer's param groups (rebuilt with the parameter list)
+        self.layout: GroupLayout | None = None
         self._clip_fn: ClipFn | None = None
         self._found_buf: Tensor | None = None  # FUSED: the found_inf the optimizer reads
         #: compile_step's compiled update (None: eager)
@@ -154,6 +171,31 @@ class Guard:
         state["_clip_fn"] = state["_compiled_step"] = state["_step_seen"] = None
         return state
 
+    def layout_of(self, params: list[Tensor]) -> GroupLayout:
+        """The group layout of ``params`` (the binding's list: the same object until the
+        optimizer's groups change, so the check per update is one identity test)."""
+        layout = self.layout
+        if layout is None or layout.params is not params:
+            layout = self.layout = GroupLayout(self._optimizer.param_groups, params, self.clip)
+        return layout
+
+    def group_norms(self) -> dict[GroupName, Tensor]:
+        """``{group name: its norm before the last clipping}``, views of one device tensor."""
+        norms, layout = self.last_group_norms, self.layout
+        if norms is None or layout is None or norms.shape[0] != len(layout.names):
+            return {}
+        return dict(zip(layout.names, norms.unbind(0)))
+
+    def nonfinite_groups(self) -> dict[GroupName, Tensor]:
+        """``{group name: whether it held an inf/nan at the last skipped or zeroed update}``."""
+        self._counter.fold()
+        flags, layout = self._counter.nonfinite, self.layout
+        if self.last_group_norms is None:  # no per-group norms (FSDP1's own clip): unknown
+            return {}
+        if flags is None or layout is None or flags.shape[0] != len(layout.names):
+            return {}
+        return dict(zip(layout.names, flags.unbind(0)))
+
     def bind(self, model: Any) -> None:
         """Build the clip function for ``model`` (FSDP1 clips through its module)."""
         if self.clip is not None:
@@ -162,6 +204,8 @@ class Guard:
     def update(self, params: list[Tensor], empty: Tensor | None, kwargs: Mapping[str, Any]) -> None:
         """One update once the gradients are final: unscale, clip, guard, step, count."""
         precision = self._precision
+        if self._clip_fn is not None:
+            self.layout_of(params)
         found = precision.unscale(empty)
         if found is not None:
             empty = None  # the scaler's found_inf holds it
@@ -199,14 +243,15 @@ class Guard:
         kwargs: Mapping[str, Any], step: Callable[..., Any] | None,
     ) -> Tensor | None:
         """The update: clip; then the scaler's skip (``found``) or the policy; step; count."""
-        norm = None
+        norm = groups = None
         if self._clip_fn is not None:
-            # set before the step: a step post-hook logs it (hwoptim.mmengine)
-            norm = self.last_grad_norm = self._clip_fn(params)
+            # set before the step: a step post-hook logs them (hwoptim.mmengine)
+            norm, groups = self._clip_fn(params, self.layout)
+            self.last_grad_norm, self.last_group_norms = norm, groups
         if found is not None:
             if step is not None:
                 step(**kwargs)
-            self._counter.add(SKIPPED, found)
+            self._counter.add(SKIPPED, found, groups)
             return norm
         if norm is None and empty is None:
             if step is not None:
@@ -218,22 +263,22 @@ class Guard:
             assert self._found_buf is not None
             self._found_buf.copy_(bad)
             step(**kwargs)
-            self._counter.add(SKIPPED, bad)
+            self._counter.add(SKIPPED, bad, groups)
         elif self.policy == EXACT:
-            self._step_restoring(params, norm, _bad_update(norm, empty), kwargs, step)
+            self._step_restoring(params, norm, groups, _bad_update(norm, empty), kwargs, step)
         else:
             if norm is not None:
                 self._zero_nonfinite_grads(norm, [p.grad for p in params if p.grad is not None])
             step(**kwargs)
             if empty is None and norm is not None:
-                self._counter.add(NONFINITE, norm)  # no device work until the fold
+                self._counter.add(NONFINITE, norm, groups)  # no device work until the fold
             else:
-                self._counter.add(ZEROED, _bad_update(norm, empty))
+                self._counter.add(ZEROED, _bad_update(norm, empty), groups)
         return norm
 
     def _step_restoring(
-        self, all_params: list[Tensor], norm: Tensor | None, found_inf: Tensor,
-        kwargs: Mapping[str, Any], step: Callable[..., Any],
+        self, all_params: list[Tensor], norm: Tensor | None, groups: Tensor | None,
+        found_inf: Tensor, kwargs: Mapping[str, Any], step: Callable[..., Any],
     ) -> None:
         """EXACT: copy what the step changes, step, copy back on the device when bad (a
         zeroed step, counted so, where the layout does not allow it: docs/architecture.md)."""
@@ -258,19 +303,24 @@ class Guard:
             # found_inf on the host, a sync: the update counts as zeroed
             or not _same_values(values, _group_values(self._optimizer))
         ):
-            self._counter.add(ZEROED, found_inf)
+            self._counter.add(ZEROED, found_inf, groups)
             return
         skip = found_inf.reshape(()).bool()
         with torch.no_grad():  # where(), not a blend: a nan the step made must not survive
             for live, copy in zip(after, saved):
                 torch.where(skip, copy, live, out=live)
-        self._counter.add(SKIPPED, found_inf)
+        self._counter.add(SKIPPED, found_inf, groups)
 
     def _zero_nonfinite_grads(self, norm: Tensor, grads: list[Tensor]) -> None:
         """Make the step of a non-finite norm a step with zero gradients, on the device."""
         # norm clipping by inf/nan already zeroed the finite gradients; value clipping did not
         if self._zero_clamped and grads:
-            torch._foreach_mul_(grads, torch.isfinite(norm).float())
+            finite = torch.isfinite(norm).float()
+            if set(map(type, grads)) == _PLAIN:
+                torch._foreach_mul_(grads, finite)
+            else:  # torch's foreach ops refuse DTensors of different meshes
+                for bucket in _by_mesh(grads):
+                    torch._foreach_mul_(bucket, finite)
         for grad in grads:  # no foreach op maps nan to 0
             grad.nan_to_num_(0.0, 0.0, 0.0)
 
@@ -278,9 +328,11 @@ class Guard:
 
     def _compiled_body(
         self, params: list[Tensor], found: Tensor | None, empty: Tensor | None, kwargs: dict[str, Any]
-    ) -> Tensor | None:
-        """What compile_step compiles: ``_body`` with the step decided outside it."""
-        return self._body(params, found, empty, kwargs, self._compiled_step)
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """What compile_step compiles: ``_body`` with the step decided outside it; returns
+        the norms it set (the total and the groups'), or None without clipping."""
+        norm = self._body(params, found, empty, kwargs, self._compiled_step)
+        return None if norm is None else (norm, self.last_group_norms)
 
     def _run_compiled(
         self, params: list[Tensor], found: Tensor | None, empty: Tensor | None, kwargs: Mapping[str, Any]
@@ -292,7 +344,11 @@ class Guard:
         checked = found is not None or empty is not None or self._clip_fn is not None
         if checked and (self._counter.skipped is None or self._counter.zeroed is None or self._found_buf is None):
             # their None-ness would be compiled into the function otherwise
-            self._counter.materialize(params[0].device if params else torch.device("cpu"))
+            layout = self.layout if self._clip_fn is not None else None
+            self._counter.materialize(
+                params[0].device if params else torch.device("cpu"),
+                None if layout is None else len(layout.names),
+            )
             self._found_buffer(params)
         fused = self._fused
         carrier = (self._found_buf if found is None else found) if fused and checked else None
@@ -311,12 +367,12 @@ class Guard:
             if carrier is not None:
                 del optimizer.found_inf  # type: ignore[attr-defined]
         if norm is not None:
-            self.last_grad_norm = norm
+            self.last_grad_norm, self.last_group_norms = norm
         _torch_compat.note_scheduler_call(optimizer)
 
     def _undo_first_call(
         self, params: list[Tensor], found: Tensor | None, empty: Tensor | None
-    ) -> Callable[[BaseException], tuple[Tensor | None] | None]:
+    ) -> Callable[[BaseException], tuple[tuple[Tensor, Tensor | None] | None] | None]:
         """Save what the body changes before the step; the function returned puts it back,
         or, when the failure came after the step (a second run would step twice), finishes
         the update and returns its result in a tuple (docs/compile.md)."""
@@ -325,9 +381,9 @@ class Guard:
         seen[0] = False
         grads = [p.grad for p in params if p.grad is not None]
         saved = [g.detach().clone() for g in grads]
-        counts, norm = self._counter.snapshot(), self.last_grad_norm
+        counts, norm, groups = self._counter.snapshot(), self.last_grad_norm, self.last_group_norms
 
-        def undo(exc: BaseException) -> tuple[Tensor | None] | None:
+        def undo(exc: BaseException) -> tuple[tuple[Tensor, Tensor | None] | None] | None:
             if seen[0]:
                 from torch._dynamo.exc import TorchDynamoException  # imported by compiling
 
@@ -338,22 +394,25 @@ class Guard:
                 for grad, value in zip(grads, saved):
                     grad.copy_(value)
             self._counter.restore(counts)
-            self.last_grad_norm = norm
+            self.last_grad_norm, self.last_group_norms = norm, groups
             return None
 
         return undo
 
     def _finish_after_step(
-        self, counts: tuple[Tensor | None, Tensor | None], found: Tensor | None, empty: Tensor | None
-    ) -> Tensor | None:
+        self, counts: tuple[Tensor | None, Tensor | None, Tensor | None], found: Tensor | None,
+        empty: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None] | None:
         """Count an update whose compiled first call failed after its step, unless it was
         counted (``exact_skip``'s copies were lost with the call: its step counts as zeroed)."""
         norm = self.last_grad_norm if self._clip_fn is not None else None
+        groups = self.last_group_norms if norm is not None else None
+        out = None if norm is None else (norm, groups)
         if any(now is not then for now, then in zip(self._counter.snapshot(), counts)):
-            return norm  # counted already (by identity: no device read)
+            return out  # counted already (by identity: no device read)
         if found is not None:
-            self._counter.add(SKIPPED, found)
+            self._counter.add(SKIPPED, found, groups)
         elif norm is not None or empty is not None:
             bad = _bad_update(norm, empty)
-            self._counter.add(SKIPPED if self.policy == FUSED else ZEROED, bad)
-        return norm
+            self._counter.add(SKIPPED if self.policy == FUSED else ZEROED, bad, groups)
+        return out

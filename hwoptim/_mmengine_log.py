@@ -28,6 +28,8 @@ from hwoptim.wrapper_dict import OptimWrapperDict
 
 #: values queued on the device before they are folded into one tensor (no sync either way)
 _FOLD_EVERY = 256
+#: above this many param groups only the named ones are logged as train/grad_norm/<group>
+MAX_LOGGED_GROUPS = 32
 
 
 class DeviceHistoryBuffer(HistoryBuffer):  # type: ignore[misc]
@@ -145,12 +147,25 @@ class _LogAfterStep:
         self.item_loss_key = "train/item_loss"
         self.handle: Any = None  # the optimizer's handle, to remove this hook
         self.stepped = False  # whether the optimizer has stepped since the wrapper joined
+        # the per-group keys, made once per set of group names: (names, {group: key})
+        self._group_keys: tuple[tuple[Any, ...], dict[Any, str]] = ((), {})
 
     def name(self, name: str) -> None:
         """Log under ``train/<name>.grad_norm`` (a member of an OptimWrapperDict)."""
         self.grad_norm_key = f"train/{name}.grad_norm"
         self.loss_scale_key = f"train/{name}.loss_scale"
         self.item_loss_key = f"train/{name}.item_loss"
+        self._group_keys = ((), {})
+
+    def group_keys(self, names: tuple[Any, ...]) -> dict[Any, str]:
+        """``{group: "train/grad_norm/<group>"}`` of the groups logged: none for one group
+        (that is train/grad_norm), only the named ones past MAX_LOGGED_GROUPS."""
+        known, keys = self._group_keys
+        if names != known:
+            logged = names if len(names) <= MAX_LOGGED_GROUPS else [n for n in names if isinstance(n, str)]
+            keys = {} if len(names) < 2 else {n: f"{self.grad_norm_key}/{n}" for n in logged}
+            self._group_keys = (names, keys)
+        return keys
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         wrapper = self._wrapper()
@@ -168,11 +183,23 @@ class _LogAfterStep:
         item_loss = wrapper._last_loss
         if norm is None and scale is None and item_loss is None:
             return
+        self._queue(wrapper, norm, scale, item_loss)
+
+    # run eagerly inside a compiled update too: the queues change length at every push, which
+    # traced code would guard on and recompile for (nothing in here is worth compiling)
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def _queue(self, wrapper: OptimWrapper, norm: Tensor | None, scale: Tensor | None,
+               item_loss: Tensor | None) -> None:
+        """Push this update's values into the current MessageHub's device-side buffers."""
         hub = MessageHub.get_current_instance()
         if item_loss is not None:  # a new tensor per update: nothing overwrites it
             _buffer(hub, self.item_loss_key).push(item_loss)
         if norm is not None:
             _buffer(hub, self.grad_norm_key).push(norm)
+            groups = wrapper.last_grad_norms
+            if len(groups) > 1:
+                for group, key in self.group_keys(tuple(groups)).items():
+                    _buffer(hub, key).push(groups[group])
         if scale is not None:
             # the scaler updates this tensor in place after the step: keep this step's value
             _buffer(hub, self.loss_scale_key).push(scale.clone())

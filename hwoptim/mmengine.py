@@ -29,6 +29,10 @@ imports mmengine and a plain loop pays nothing):
   :class:`DeviceHistoryBuffer`, which reads all queued values in one transfer when the log
   processor asks, at the logging interval. In an OptimWrapperDict the keys are
   ``train/<name>.grad_norm`` and ``train/<name>.loss_scale``, as ``get_lr()`` names them.
+  With several param groups each group's norm (``wrapper.last_grad_norms``) goes there too,
+  as ``train/grad_norm/<group>`` (``train/<name>.grad_norm/<group>`` in a dict); past
+  ``MAX_LOGGED_GROUPS`` groups (paramwise_cfg's group per parameter), only the groups
+  with a ``"name"``.
   :func:`leave` stops this for a wrapper whose process imports mmengine for other reasons.
   With ``num_items`` the window's loss per item (``wrapper.last_loss``) goes there too,
   as ``train/item_loss``.
@@ -69,6 +73,7 @@ from torch import Tensor, nn
 
 from hwoptim import _extensions, _warn
 from hwoptim._mmengine_log import (
+    MAX_LOGGED_GROUPS,
     DeviceHistoryBuffer,
     _log_warning,
     _message_hub,
@@ -84,6 +89,7 @@ from hwoptim.wrapper import OptimWrapper
 from hwoptim.wrapper_dict import OptimWrapperDict
 
 __all__ = [
+    "MAX_LOGGED_GROUPS",
     "MODEL_WRAPPERS",
     "NUM_ITEMS",
     "OPTIM_WRAPPERS",

@@ -37,7 +37,7 @@ from hwoptim._torch_compat import has_batch_norm
 from hwoptim._warn import warn
 from hwoptim._window import AccumulationWindow, check_accumulative_counts
 from hwoptim.backends.base import skip_gradient_sync
-from hwoptim.clip import parse_clip_grad
+from hwoptim.clip import GroupName, parse_clip_grad
 from hwoptim.compile import CompileStep, parse_compile_step
 from hwoptim.num_items import ItemsGroup, ItemWindow, check_items_group
 
@@ -61,6 +61,9 @@ class OptimWrapper:
             is the mean, as mmengine does.
         clip_grad: None, ``dict(max_norm=..., norm_type=2)`` (type "norm", the default) or
             ``dict(type="value", clip_value=...)``. Validated here; the dict is never changed.
+            ``per_group=True`` clips each param group by its own norm instead of the total
+            (``max_norm`` may then be a dict ``{group name: max_norm}``; a group it does not
+            name is not clipped): see ``last_grad_norms`` for the groups' names.
         num_items_group: where ``update_params(..., num_items=n)`` sums item counts over
             ranks: "auto" (the group the model's gradients are averaged over: DDP's,
             FSDP2/HSDP's data-parallel groups, else the default group when
@@ -144,6 +147,8 @@ class OptimWrapper:
             )
         acc = check_accumulative_counts(accumulative_counts)
         clip = parse_clip_grad(clip_grad)
+        if clip is not None:
+            clip.check_groups(optimizer.param_groups)
         group = check_items_group(num_items_group)
         save_partial_grads = check_flag(save_partial_grads, "save_partial_grads")
         exact_skip = check_flag(exact_skip, "exact_skip")
@@ -403,6 +408,40 @@ class OptimWrapper:
         """The total gradient norm before the last clipping, as a device tensor (None until
         then). Reading its value is a host sync: log it every N steps."""
         return self._guard.last_grad_norm
+
+    @property
+    def last_grad_norms(self) -> dict[GroupName, Tensor]:
+        """Each param group's gradient norm before the last clipping, ``{name: 0-dim device
+        tensor}``, computed in the same pass as ``last_grad_norm`` (unscaled under a loss
+        scaler), to watch layer-wise norms and catch a diverging block early.
+
+        A group's name is its ``"name"`` entry (set it in the param group, or through
+        paramwise_cfg's custom_keys), else its index in ``param_groups``; groups sharing a
+        name are one entry, their norm taken over all their tensors. Empty until the first
+        clipped update, without ``clip_grad`` (``dict(max_norm=float("inf"))`` measures
+        without clipping) and under FSDP1, which clips through its own module.
+
+        .. note::
+            Reading a value is a host sync: log them every N steps, stacked into one read
+            (docs/logging.md).
+        """
+        return self._guard.group_norms()
+
+    @property
+    def nonfinite_groups(self) -> dict[GroupName, Tensor]:
+        """Which param groups held the inf/nan of the last skipped or zeroed update,
+        ``{name: 0-dim bool device tensor}`` (the names of ``last_grad_norms``), so that the
+        layer that blew up can be found.
+
+        Decided on the device from the groups' norms, the same on every rank; all False
+        while no update was bad (or when the last bad one was a ``num_items`` window without
+        items). Empty where ``last_grad_norms`` is.
+
+        .. note::
+            Reading a value is a host sync: read them every N steps, e.g.
+            ``[name for name, bad in zip(d, torch.stack(list(d.values())).tolist()) if bad]``.
+        """
+        return self._guard.nonfinite_groups()
 
     @property
     def loss_scaler(self) -> Any:

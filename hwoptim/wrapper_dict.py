@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from torch import Tensor
 
 from hwoptim import _extensions
+from hwoptim.clip import GroupName
 from hwoptim.wrapper import OptimWrapper
 
 __all__ = ["OptimWrapperDict"]
@@ -170,6 +171,16 @@ class OptimWrapperDict(OptimWrapper):
     def last_grad_norm(self) -> dict[str, Tensor | None]:  # type: ignore[override]
         """``{name: last_grad_norm}``."""
         return {name: w.last_grad_norm for name, w in self.optim_wrappers.items()}
+
+    @property
+    def last_grad_norms(self) -> dict[str, dict[GroupName, Tensor]]:  # type: ignore[override]
+        """``{name: last_grad_norms}``: each wrapper's per-group norms."""
+        return {name: w.last_grad_norms for name, w in self.optim_wrappers.items()}
+
+    @property
+    def nonfinite_groups(self) -> dict[str, dict[GroupName, Tensor]]:  # type: ignore[override]
+        """``{name: nonfinite_groups}``: each wrapper's groups of its last bad update."""
+        return {name: w.nonfinite_groups for name, w in self.optim_wrappers.items()}
 
     @property
     def last_loss(self) -> dict[str, Tensor | None]:  # type: ignore[override]

@@ -211,11 +211,12 @@ def full_params(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def train(name: str, distributed: bool) -> dict[str, Any]:
-    """ITERS updates with clipping; the norms, per-group norms, all-reduces and parameters."""
+def train(name: str, distributed: bool, per_group: bool = False) -> dict[str, Any]:
+    """ITERS updates with clipping (each group by its own norm with ``per_group``); the
+    norms, per-group norms (by hand and the wrapper's), all-reduces and parameters."""
     model = MODELS[name](distributed)
-    wrapper = OptimWrapper(optimizer(model), clip_grad=CLIP)
-    norms, group_norms, all_reduces, syncs = [], [], [], []
+    wrapper = OptimWrapper(optimizer(model), clip_grad=dict(CLIP, per_group=per_group))
+    norms, group_norms, all_reduces, syncs, wrapper_groups = [], [], [], [], []
     for i in range(ITERS):
         x, y = global_batch(i)
         with wrapper.optim_context(model):
@@ -230,7 +231,11 @@ def train(name: str, distributed: bool) -> dict[str, Any]:
         wrapper.zero_grad()
         assert wrapper.last_grad_norm is not None
         norms.append(wrapper.last_grad_norm.detach().clone())
+        wrapper_groups.append(torch.stack([
+            *wrapper.last_grad_norms.values(), *map(torch.Tensor.float, wrapper.nonfinite_groups.values())
+        ]))
     return {
+        "wrapper_groups": wrapper_groups,
         "norms": norms,
         "norm_types": [type(n).__name__ for n in norms],
         "group_norms": group_norms,
@@ -252,4 +257,6 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "layouts": _initialized(_layouts),
     "fsdp2_moe": _initialized(lambda rank, _: train("moe", True)),
     "hsdp_tp": _initialized(lambda rank, _: train("hsdp_tp", True)),
+    "fsdp2_moe_per_group": _initialized(lambda rank, _: train("moe", True, per_group=True)),
+    "hsdp_tp_per_group": _initialized(lambda rank, _: train("hsdp_tp", True, per_group=True)),
 }

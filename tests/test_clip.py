@@ -99,7 +99,7 @@ def test_kwargs_is_a_fresh_copy():
 def test_norm_clip_fn_returns_the_pre_clip_norm():
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.tensor([3.0, 4.0, 0.0])
-    norm = ClipGrad(dict(max_norm=1.0)).clip_fn()([p])
+    norm = ClipGrad(dict(max_norm=1.0)).clip_fn()([p])[0]
     assert float(norm) == pytest.approx(5.0)
     assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-5)
 
@@ -107,14 +107,14 @@ def test_norm_clip_fn_returns_the_pre_clip_norm():
 def test_value_clip_fn_clamps_and_returns_the_norm():
     p = torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.tensor([3.0, -4.0])
-    norm = ClipGrad(dict(type="value", clip_value=1.0)).clip_fn()([p])
+    norm = ClipGrad(dict(type="value", clip_value=1.0)).clip_fn()([p])[0]
     assert float(norm) == pytest.approx(5.0)
     assert p.grad.tolist() == [1.0, -1.0]
 
 
 def test_value_clip_fn_without_gradients():
     p = torch.nn.Parameter(torch.zeros(2))
-    assert float(ClipGrad(dict(type="value", clip_value=1.0)).clip_fn()([p])) == 0.0
+    assert float(ClipGrad(dict(type="value", clip_value=1.0)).clip_fn()([p])[0]) == 0.0
 
 
 def test_error_if_nonfinite_raises_unless_a_scaler_will_skip():
@@ -122,8 +122,8 @@ def test_error_if_nonfinite_raises_unless_a_scaler_will_skip():
     p.grad = torch.tensor([math.inf, 1.0])
     clip = ClipGrad(dict(max_norm=1.0, error_if_nonfinite=True))
     with pytest.raises(RuntimeError, match="non-finite"):
-        clip.clip_fn()([p])
-    assert not torch.isfinite(clip.clip_fn(scaled=True)([p]))
+        clip.clip_fn()([p])[0]
+    assert not torch.isfinite(clip.clip_fn(scaled=True)([p])[0])
 
 
 def test_a_model_with_its_own_clip_grad_norm_is_clipped_through_it():
@@ -132,7 +132,7 @@ def test_a_model_with_its_own_clip_grad_norm_is_clipped_through_it():
             return torch.tensor(max_norm * 10 + norm_type)
 
     fn = ClipGrad(dict(max_norm=1.0, norm_type=1)).clip_fn(Sharded())
-    assert float(fn([])) == 11.0
+    assert float(fn([])[0]) == 11.0
 
 
 def test_a_clip_config_pickles():
@@ -156,7 +156,7 @@ def _grads(*values: list[float]) -> list[torch.nn.Parameter]:
 @pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
 def test_norm_clipping_is_torch_clip_grad_norm_exactly(norm_type):
     ours, theirs = _grads([3.0, -4.0], [0.5]), _grads([3.0, -4.0], [0.5])
-    norm = ClipGrad(dict(max_norm=1.0, norm_type=norm_type)).clip_fn()(ours)
+    norm = ClipGrad(dict(max_norm=1.0, norm_type=norm_type)).clip_fn()(ours)[0]
     want = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
     assert torch.equal(norm, want)
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
@@ -168,14 +168,14 @@ def test_before_torch_2_6_the_same_clipping_is_done_by_hand(monkeypatch, norm_ty
     monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
     monkeypatch.delattr(torch.nn.utils, "clip_grads_with_norm_", raising=False)
     ours, theirs = _grads([3.0, -4.0], [0.5]), _grads([3.0, -4.0], [0.5])
-    norm = ClipGrad(dict(max_norm=1.0, norm_type=norm_type)).clip_fn()(ours)
+    norm = ClipGrad(dict(max_norm=1.0, norm_type=norm_type)).clip_fn()(ours)[0]
     want = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
     torch.testing.assert_close(norm, want)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad)
     # the message torch's own says too, so that it reads the same on every torch
     with pytest.raises(RuntimeError, match=r"non-finite.*cannot be clipped"):
-        ClipGrad(dict(max_norm=1.0, error_if_nonfinite=True)).clip_fn()(_grads([math.nan]))
+        ClipGrad(dict(max_norm=1.0, error_if_nonfinite=True)).clip_fn()(_grads([math.nan]))[0]
 
 
 # -- what mutation testing found unchecked (docs/contributing.md) --------------------------------
@@ -188,7 +188,7 @@ def test_before_torch_2_6_the_same_clipping_is_done_by_hand(monkeypatch, norm_ty
          "dict(type='value', clip_value=0.5); got int"),
         (dict(max_norm=1, clip_value=2), ValueError,
          "clip_grad type 'norm' does not take 'clip_value'; it takes error_if_nonfinite, "
-         "foreach, max_norm, norm_type"),
+         "foreach, max_norm, norm_type, per_group"),
         (dict(type="value", clip_value=1, max_norm=1, norm_type=2), ValueError,
          "clip_grad type 'value' does not take 'max_norm', 'norm_type'; it takes clip_value, foreach"),
         (dict(max_norm=-1), ValueError, "clip_grad 'norm': max_norm must be"),
@@ -220,7 +220,7 @@ def test_repr_of_a_norm_config_lists_its_arguments():
 @pytest.mark.parametrize("kind", ["norm", "value"])
 def test_without_gradients_the_norm_is_a_zero_scalar(kind):
     cfg = dict(max_norm=1.0) if kind == "norm" else dict(type="value", clip_value=1.0)
-    norm = ClipGrad(cfg).clip_fn()([torch.nn.Parameter(torch.zeros(2))])
+    norm = ClipGrad(cfg).clip_fn()([torch.nn.Parameter(torch.zeros(2))])[0]
     assert norm.shape == () and norm.dtype == torch.float32 and norm.item() == 0.0
 
 
@@ -228,7 +228,7 @@ def test_without_gradients_the_norm_is_a_zero_scalar(kind):
 def test_value_clipping_an_inf_gradient_measures_it_and_never_raises(foreach):
     p = torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.tensor([math.inf, 1.0])
-    norm = ClipGrad(dict(type="value", clip_value=0.5, foreach=foreach)).clip_fn()([p])
+    norm = ClipGrad(dict(type="value", clip_value=0.5, foreach=foreach)).clip_fn()([p])[0]
     assert norm.item() == math.inf
     assert p.grad.tolist() == [0.5, 0.5]
 
@@ -246,15 +246,15 @@ class _OwnClip(torch.nn.Module):
 
 @pytest.mark.parametrize("norm", [math.inf, math.nan])
 def test_a_modules_own_clip_raises_on_a_nonfinite_norm_only_when_asked(norm):
-    assert not math.isfinite(ClipGrad(dict(max_norm=1.0)).clip_fn(_OwnClip(norm))([]).item())
+    assert not math.isfinite(ClipGrad(dict(max_norm=1.0)).clip_fn(_OwnClip(norm))([])[0].item())
     asked = ClipGrad(dict(max_norm=1.0, error_if_nonfinite=True))
-    assert not math.isfinite(asked.clip_fn(_OwnClip(norm), scaled=True)([]).item())
+    assert not math.isfinite(asked.clip_fn(_OwnClip(norm), scaled=True)([])[0].item())
     message = (
         r"the total gradient norm is non-finite \((inf|nan)\), so it cannot be clipped; pass clip_grad "
         r"error_if_nonfinite=False to have such steps skipped or zeroed instead$"
     )
     with pytest.raises(RuntimeError, match=message):
-        asked.clip_fn(_OwnClip(norm))([])
-    assert asked.clip_fn(_OwnClip(3.0))([]).item() == 3.0  # a finite norm never raises
+        asked.clip_fn(_OwnClip(norm))([])[0]
+    assert asked.clip_fn(_OwnClip(3.0))([])[0].item() == 3.0  # a finite norm never raises
 
 

@@ -114,6 +114,33 @@ def test_training_per_group_norms_equal_one_process(runs: Runs, name: str) -> No
 
 @pytest.mark.parametrize("name", ["fsdp2_moe", "hsdp_tp"])
 @needs_fsdp2
+def test_the_wrappers_group_norms_and_flags_equal_one_process_on_every_rank(runs: Runs, name: str) -> None:
+    """wrapper.last_grad_norms (and nonfinite_groups, all False here) over mixed meshes:
+    the global per-group norms, the same tensor on every rank, at no extra all-reduce."""
+    want = train(name.removeprefix("fsdp2_"), distributed=False)
+    assert all(w.shape == (4,) for w in want["wrapper_groups"])  # two groups, two flags
+    results = runs(name)
+    for result in results:
+        torch.testing.assert_close(result["wrapper_groups"], want["wrapper_groups"], **close)
+        assert all(float(w[2:].sum()) == 0 for w in result["wrapper_groups"])
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(result["wrapper_groups"], results[0]["wrapper_groups"]))
+
+
+@pytest.mark.parametrize("name", ["fsdp2_moe", "hsdp_tp"])
+@needs_fsdp2
+def test_per_group_clipping_over_several_meshes_equals_one_process(runs: Runs, name: str) -> None:
+    base = name.removeprefix("fsdp2_")
+    want = train(base, distributed=False, per_group=True)
+    assert not all(torch.equal(a, b) for a, b in zip(want["params"], train(base, distributed=False)["params"]))
+    for result in runs(f"{name}_per_group"):
+        torch.testing.assert_close(result["wrapper_groups"], want["wrapper_groups"], **close)
+        torch.testing.assert_close(result["params"], want["params"], **close)
+        assert result["all_reduces"] == [1] * ITERS and result["syncs"] == []
+
+
+@pytest.mark.parametrize("name", ["fsdp2_moe", "hsdp_tp"])
+@needs_fsdp2
 def test_clipping_over_several_meshes_takes_one_all_reduce_per_update_and_no_host_sync(
     runs: Runs, name: str
 ) -> None:

@@ -89,6 +89,13 @@ def _adamw(model: nn.Module, fused: bool) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
 
 
+def _adamw_groups(model: nn.Module, fused: bool) -> torch.optim.Optimizer:
+    """A param group per layer, named: the per-group norms and flags are computed too."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    groups = [{"params": list(m.parameters()), "name": f"layer{i}"} for i, m in enumerate(layers)]
+    return torch.optim.AdamW(groups, lr=1e-2, fused=fused)
+
+
 CONFIGS: dict[str, Callable[[nn.Module], hwoptim.OptimWrapper]] = {
     "fp32": lambda m: hwoptim.OptimWrapper(
         _adamw(m, fused=False), accumulative_counts=2, clip_grad=dict(max_norm=1.0)
@@ -109,6 +116,17 @@ CONFIGS: dict[str, Callable[[nn.Module], hwoptim.OptimWrapper]] = {
     "fp16-fused": lambda m: hwoptim.AmpOptimWrapper(
         _adamw(m, fused=True), device="cpu", dtype="float16", accumulative_counts=2,
         clip_grad=dict(max_norm=1.0),
+    ),
+    "fp32-groups-per-group-clip": lambda m: hwoptim.OptimWrapper(
+        _adamw_groups(m, fused=False), accumulative_counts=2, clip_grad=dict(max_norm=1.0, per_group=True)
+    ),
+    "fp16-fused-groups": lambda m: hwoptim.AmpOptimWrapper(
+        _adamw_groups(m, fused=True), device="cpu", dtype="float16", accumulative_counts=2,
+        clip_grad=dict(max_norm={"layer0": 1.0}),
+    ),
+    "fp32-groups-compiled": lambda m: hwoptim.OptimWrapper(
+        _adamw_groups(m, fused=False), accumulative_counts=2, clip_grad=dict(max_norm=1.0, per_group=True),
+        compile_step=dict(backend="eager"),
     ),
     # compile_step: dynamo traces the same code (the eager backend skips code generation)
     "fp32-compiled": lambda m: hwoptim.OptimWrapper(
@@ -200,7 +218,7 @@ def test_update_params_with_num_items_makes_no_host_sync(config: str, num_items:
     assert wrapper.last_loss is not None
 
 
-@pytest.mark.parametrize("config", ["fp32-fused", "fp16-fused", "fp16-fused-compiled"])
+@pytest.mark.parametrize("config", ["fp32-fused", "fp16-fused", "fp16-fused-compiled", "fp16-fused-groups"])
 def test_with_a_fused_optimizer_nothing_under_update_params_syncs_with_num_items(
     config: str,
 ) -> None:
@@ -210,7 +228,7 @@ def test_with_a_fused_optimizer_nothing_under_update_params_syncs_with_num_items
     assert detector.calls == [], "\n".join(map(str, detector.calls))
 
 
-@pytest.mark.parametrize("config", ["fp32-fused", "fp16-fused", "fp16-fused-compiled"])
+@pytest.mark.parametrize("config", ["fp32-fused", "fp16-fused", "fp16-fused-compiled", "fp16-fused-groups"])
 def test_with_a_fused_optimizer_nothing_under_update_params_syncs(config: str) -> None:
     """DESIGN: "with a fused optimizer there is none", torch's code included (clip, unscale,
     the fused step taking found_inf as a tensor, the scale update). A non-fused torch

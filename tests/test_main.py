@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -142,6 +143,23 @@ def test_demo_figure_has_every_step_every_update_and_legends(tmp_path, figures):
         legend = ax.get_legend()
         assert legend is not None
         assert [t.get_text() for t in legend.get_texts()] == [line.get_label() for line in ax.get_lines()]
+
+
+def test_demo_plots_each_layers_norm_beside_the_total_and_summarises_them(tmp_path, figures):
+    summary = run_demo(device="cpu", dtype="float32", steps=12, accum=4, progress=False,
+                       plot=str(tmp_path / "f.png"))
+    lines = lines_by_label(figures[0].axes[1])
+    total = lines["grad norm before clipping, per update"].get_ydata()
+    layers = [lines[f"layer '{name}' (wrapper.last_grad_norms)"] for name in ("in", "hidden", "out")]
+    assert all(list(line.get_xdata()) == [4, 8, 12] for line in layers)
+    # the layers' norms are the parts of the total: their 2-norm is it
+    for i, want in enumerate(total):
+        assert math.hypot(*(line.get_ydata()[i] for line in layers)) == pytest.approx(want, rel=1e-5)
+    names = [part for part in summary["group_norms"].split() if not part[0].isdigit()]
+    assert names == ["in", "hidden", "out"]
+    last = [float(part) for part in summary["group_norms"].split()[1::2]]
+    assert last == pytest.approx([line.get_ydata()[-1] for line in layers], rel=1e-2)
+    assert summary["bad_groups"] == "-"
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

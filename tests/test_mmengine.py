@@ -315,6 +315,68 @@ def test_grad_norm_and_loss_scale_are_read_only_at_the_logging_interval(tmp_path
     assert len(scalars["train/loss_scale"].data[0]) == 6
 
 
+class RecordGroupNorms(Hook):
+    """Records the wrapper's per-group norms (as Python numbers) after every update."""
+
+    def __init__(self) -> None:
+        self.norms: list[dict[str, float]] = []
+
+    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
+                         outputs: Any = None) -> None:
+        wrapper = runner.optim_wrapper
+        if wrapper.should_update():
+            self.norms.append({k: v.item() for k, v in wrapper.last_grad_norms.items()})
+
+
+def test_per_group_norms_reach_the_logs_as_grad_norm_slash_group_read_at_the_interval(tmp_path):
+    """paramwise_cfg's custom_keys name the groups (one per parameter, merged by name);
+    each group's norm is queued on the device per update and read only when logged."""
+    interval = 4
+    detector = HostSyncDetector()
+    counter = SyncsPerIteration(detector)
+    recorder = RecordGroupNorms()
+    runner = Runner(**runner_kwargs(
+        tmp_path,
+        train_dataloader=dataloader(samples=48),
+        train_cfg=dict(by_epoch=False, max_iters=12),
+        optim_wrapper=dict(
+            type="hwoptim.OptimWrapper", constructor="hwoptim.OptimWrapperConstructor",
+            optimizer=dict(type="SGD", lr=0.1), clip_grad=dict(max_norm=1.0),
+            accumulative_counts=2,
+            paramwise_cfg=dict(custom_keys={"fc1": dict(name="fc1"), "fc2": dict(name="fc2")}),
+        ),
+        default_hooks=dict(logger=dict(type="LoggerHook", interval=interval), checkpoint=None),
+        custom_hooks=[counter, recorder],
+        log_level="INFO",
+    ))
+    with detector:
+        runner.train()
+    wrapper = runner.optim_wrapper
+    assert len(wrapper.param_groups) == 4  # one per parameter, two names
+    scalars = runner.message_hub.log_scalars
+    assert {"train/grad_norm/fc1", "train/grad_norm/fc2"} <= set(scalars)
+    for group in ("fc1", "fc2"):
+        logged = scalars[f"train/grad_norm/{group}"].data[0].tolist()
+        assert logged == pytest.approx([n[group] for n in recorder.norms], rel=1e-6)
+        assert len(logged) == 6  # one per update
+    logged_iters = [(i + 1) % interval == 0 for i in range(12)]
+    assert [n > 0 for n in counter.per_iter] == logged_iters, counter.per_iter
+    assert {c.method for c in detector.by("hwoptim")} == {"tolist"}
+    log = next(Path(runner.log_dir).glob("*.log")).read_text()
+    assert "grad_norm/fc1: " in log and "grad_norm/fc2: " in log
+
+
+def test_one_param_group_logs_no_per_group_norm_and_many_only_the_named(tmp_path):
+    runner = train(tmp_path, optim_wrapper=fp32_config("hwoptim.OptimWrapper"))
+    assert not any(k.startswith("train/grad_norm/") for k in runner.message_hub.log_scalars)
+    hook = bridge._LogAfterStep(runner.optim_wrapper)
+    many = (*range(bridge.MAX_LOGGED_GROUPS), "head")
+    assert hook.group_keys(many) == {"head": "train/grad_norm/head"}
+    assert hook.group_keys((0, "head")) == {0: "train/grad_norm/0", "head": "train/grad_norm/head"}
+    hook.name("gen")
+    assert hook.group_keys((0, 1)) == {0: "train/gen.grad_norm/0", 1: "train/gen.grad_norm/1"}
+
+
 def test_the_log_shows_grad_norm_and_loss_scale(tmp_path):
     runner = train(
         tmp_path,
@@ -906,3 +968,31 @@ def test_a_python_config_that_imports_hwoptim_cannot_take_base(tmp_path):
     )
     with pytest.raises(Exception, match="_base_"):
         Config.fromfile(str(tmp_path / "config.py"))
+
+
+def test_compiled_updates_log_their_group_norms_and_compile_nothing_more():
+    """compile_step with named groups under mmengine: each update's per-group norms reach
+    the hub (pushed eagerly, outside the compiled update), with no recompile."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    hub = MessageHub.get_instance(f"compiled-groups-{uuid.uuid4().hex}")
+    model = Net()
+    groups = [dict(params=model.fc1.parameters(), name="fc1"), dict(params=model.fc2.parameters(), name="fc2")]
+    wrapper = hwoptim.OptimWrapper(torch.optim.SGD(groups, lr=0.1), clip_grad=dict(max_norm=1.0),
+                                   compile_step=dict(backend="eager"))
+    norms = []
+    data = Data()
+    for i in range(6):
+        with wrapper.optim_context(model):
+            loss = model(data.x[i : i + 1], data.y[i : i + 1])["loss"]
+        wrapper.update_params(loss)
+        norms.append(float(wrapper.last_grad_norms["fc2"]))
+        if i == 1:
+            graphs = int(counters["stats"]["unique_graphs"])
+    assert int(counters["stats"]["unique_graphs"]) == graphs
+    assert wrapper._guard.compiled is not None and wrapper._guard.compiled.compiled
+    assert hub.get_scalar("train/grad_norm/fc2").data[0].tolist() == pytest.approx(norms)
+    assert len(hub.get_scalar("train/grad_norm/fc1").data[0]) == 6
+    torch._dynamo.reset()

@@ -7,6 +7,8 @@ a non-fused optimizer only torch GradScaler's one per optimizer step.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -87,3 +89,40 @@ def test_item_weighted_updates_read_nothing(device, dtype, count):
 
 def on_device(device, *tensors):
     return all(t is not None and t.device == device for t in tensors)
+
+
+def _layer_groups(model: nn.Sequential) -> list[dict]:
+    return [{"params": list(m.parameters()), "name": f"layer{i}"}
+            for i, m in enumerate(m for m in model if isinstance(m, nn.Linear))]
+
+
+@pytest.mark.parametrize("compile_step", [False, dict(backend="eager")], ids=["eager", "compiled"])
+@pytest.mark.parametrize(("dtype", "clip"), [
+    ("bfloat16", dict(max_norm=1.0)),
+    ("bfloat16", dict(max_norm=1.0, per_group=True)),
+    ("float16", dict(max_norm={"layer1": 0.5})),
+], ids=str)
+def test_per_group_norms_and_nonfinite_groups_read_nothing_until_logged(device, dtype, clip, compile_step):
+    """last_grad_norms and nonfinite_groups stay on the device: no read per update (a bad
+    one included), and one read for all of them at a log step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
+    wrapper = AmpOptimWrapper(torch.optim.AdamW(_layer_groups(model), lr=1e-3, fused=True), device="auto",
+                              dtype=dtype, loss_scale=256.0 if dtype == "float16" else None,
+                              clip_grad=clip, compile_step=compile_step)
+    for step in range(4):
+        with wrapper.optim_context(model):
+            loss = model(torch.randn(4, 6, device=device)).float().square().mean()
+        if step == 2:
+            loss = loss * float("inf")
+        with count_host_reads() as reads:
+            wrapper.update_params(loss)
+            norms, flags = wrapper.last_grad_norms, wrapper.nonfinite_groups
+        assert reads.total == 0, (step, reads)
+    assert list(norms) == ["layer0", "layer1"] and on_device(device, *norms.values(), *flags.values())
+    with count_host_reads() as reads:  # the logging pattern of docs/logging.md
+        values = torch.stack([*norms.values(), *flags.values()]).tolist()
+    assert reads.total == 1, reads
+    assert all(math.isfinite(v) for v in values[:2])  # the last update was good
+    assert values[2:] == [1.0, 1.0]  # the inf loss reached both layers at update 3
+    assert float(wrapper.skipped_steps) == 1

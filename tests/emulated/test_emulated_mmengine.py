@@ -148,3 +148,32 @@ def test_item_weighted_model_under_the_runner_counts_on_the_device(tmp_path, dev
     for got, want in zip(params_of(runner.model), params):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
     assert queued.data[0].tolist() == pytest.approx(item_loss, rel=1e-5)
+
+
+def test_per_group_norms_are_logged_from_the_device_under_the_runner(tmp_path, device):
+    """paramwise_cfg names the layers; train/grad_norm/<layer> is queued on the device and
+    read at the log interval, with the total beside it (reads per update: the host-read
+    tests; the Runner's own syncs: tests/test_mmengine.py)."""
+    runner = Runner(**runner_kwargs(
+        tmp_path, model=Net(),
+        optim_wrapper=amp_config(
+            "bfloat16", paramwise_cfg=dict(custom_keys={"fc1": dict(name="fc1"), "fc2": dict(name="fc2")}),
+        ),
+        default_hooks=dict(logger=dict(type="LoggerHook", interval=5), checkpoint=None),
+        log_level="INFO", **RUN,
+    ))
+    runner.train()
+    wrapper = runner.optim_wrapper
+    assert list(wrapper.last_grad_norms) == ["fc1", "fc2"]
+    assert all(t.device == device for t in wrapper.last_grad_norms.values())
+    scalars = runner.message_hub.log_scalars
+    for group in ("fc1", "fc2"):
+        buffer = scalars[f"train/grad_norm/{group}"]
+        assert isinstance(buffer, DeviceHistoryBuffer)
+        values = buffer.data[0]
+        assert len(values) == 4 and values[-1] == pytest.approx(float(wrapper.last_grad_norms[group]))
+    total = scalars["train/grad_norm"].data[0][-1]
+    assert total == pytest.approx((values[-1] ** 2 + scalars["train/grad_norm/fc1"].data[0][-1] ** 2) ** 0.5,
+                                  rel=1e-3)
+    log = next(Path(runner.log_dir).glob("*.log")).read_text()
+    assert "grad_norm/fc1: " in log
