@@ -20,7 +20,7 @@ from hwoptim import _extensions
 from hwoptim._window import AccumulationWindow
 from hwoptim.backends.base import has_gradient_sync
 
-__all__ = ["ModelBinding"]
+__all__ = ["MicroBatchContext", "ModelBinding"]
 
 _GROUP_PARAMS = operator.itemgetter("params")
 
@@ -135,3 +135,38 @@ class ModelBinding:
             "device = hwoptim.get_backend('auto').device(); model.to(device), then build the "
             f"optimizer and the wrapper{_extensions.placement_advice()}"
         )
+
+
+class MicroBatchContext:
+    """What ``optim_context`` returns, one per micro-batch (a plain class: a fifth of a
+    generator context's cost). ``enter(model)`` binds the model and skips the sync when due;
+    ``inner`` (autocast) is entered after it and left before; an exception releases the
+    skip, since no backward will end it."""
+
+    __slots__ = ("_binding", "_enter", "_inner", "_model")
+
+    def __init__(
+        self, enter: Callable[[Any], None], model: Any, binding: ModelBinding,
+        inner: AbstractContextManager[Any] | None,
+    ) -> None:
+        self._enter = enter
+        self._model = model
+        self._binding = binding
+        self._inner = inner
+
+    def __enter__(self) -> None:
+        self._enter(self._model)
+        if self._inner is not None:
+            try:
+                self._inner.__enter__()
+            except BaseException:
+                self._binding.release()
+                raise
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        try:
+            if self._inner is not None:
+                self._inner.__exit__(exc_type, exc, traceback)
+        finally:
+            if exc_type is not None:
+                self._binding.release()

@@ -23,7 +23,7 @@ from hwoptim._window import STATE_KEY, AccumulationWindow
 from hwoptim.backends.base import unwrap_compiled
 from hwoptim.num_items import ItemWindow, SavedWindow
 
-__all__ = ["STATE_KEY", "LoadPlan", "apply", "apply_window", "plan", "save"]
+__all__ = ["STATE_KEY", "LoadPlan", "apply", "apply_window", "copy_state", "give_grads", "plan", "restore_copy", "save"]
 
 #: keys of a wrapper checkpoint that are not the optimizer's
 _WRAPPER_KEYS = frozenset({STATE_KEY, "loss_scaler", "base_param_settings"})
@@ -220,3 +220,33 @@ def apply_window(
         window.grads_restored_at = -1
     if load_plan.scaler_state is not None:
         precision.load(load_plan.scaler_state)
+
+
+# -- copies: pickle, torch.save, copy.deepcopy (docs/architecture.md, "Checkpoints and copies")
+
+#: where a copy's state holds the parameters' gradients (torch's Parameter drops them)
+_COPIED_GRADS = "_copied_grads"
+
+
+def copy_state(attributes: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
+    """A wrapper's ``__dict__`` for a copy, with the parameters' gradients when there are any."""
+    state = attributes.copy()
+    grads = [p.grad for p in params]
+    if any(grad is not None for grad in grads):
+        state[_COPIED_GRADS] = grads
+    return state
+
+
+def restore_copy(attributes: dict[str, Any], state: dict[str, Any]) -> list[Tensor | None] | None:
+    """Fill a copy's ``__dict__`` from ``state``; the copied gradients, if any, for ``give_grads``."""
+    state = dict(state)
+    grads: list[Tensor | None] | None = state.pop(_COPIED_GRADS, None)
+    attributes.update(state)
+    return grads
+
+
+def give_grads(params: list[Tensor], grads: list[Tensor | None] | None) -> None:
+    """Give the copied parameters their copied gradients (the copied model's, in order)."""
+    if grads is not None:
+        for param, grad in zip(params, grads):
+            param.grad = grad

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hwoptim._numbers import as_int, check_int
+from hwoptim._torch_compat import has_batch_norm
 from hwoptim._warn import warn
 
 __all__ = ["AccumulationWindow", "check_accumulative_counts"]
@@ -66,6 +67,19 @@ class AccumulationWindow:
         if inner < last_start + acc:  # past max_counts, up to the next multiple of acc
             return acc - self._remainder
         return acc
+
+    def check_batch_norm(self, model: Any) -> None:
+        """Warn, with accumulation, that BatchNorm statistics see micro-batches, not windows."""
+        if self.acc > 1 and has_batch_norm(model):
+            warn(
+                "Gradient accumulative may slightly decrease performance because the model "
+                "has BatchNorm layers: their statistics see each micro-batch, not the window"
+            )
+
+    def check_end_known(self) -> None:
+        """Warn once, with accumulation, when nothing said where training ends."""
+        if self.max_counts == -1 and not self.warned_unknown_end and self.acc > 1:
+            self.warn_unknown_end()
 
     def warn_unknown_end(self) -> None:
         """Warn once that the last, partial window will not step."""

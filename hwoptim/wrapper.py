@@ -28,13 +28,11 @@ import torch
 from torch import Tensor
 
 from hwoptim import _checkpoint, _extensions, _sharded
-from hwoptim._binding import ModelBinding, NoSync
+from hwoptim._binding import MicroBatchContext, ModelBinding, NoSync
 from hwoptim._guard import Guard
 from hwoptim._numbers import check_flag
 from hwoptim._precision import NoScaling
 from hwoptim._skips import SkipCounter
-from hwoptim._torch_compat import has_batch_norm
-from hwoptim._warn import warn
 from hwoptim._window import AccumulationWindow, check_accumulative_counts
 from hwoptim.backends.base import skip_gradient_sync
 from hwoptim.clip import GroupName, parse_clip_grad
@@ -47,8 +45,6 @@ __all__ = ["STATE_KEY", "OptimWrapper", "check_accumulative_counts"]
 STATE_KEY = _checkpoint.STATE_KEY
 _EMPTY: Mapping[str, Any] = {}
 _NO_PARAMS: list[Tensor] = []
-#: where a copy's state holds the parameters' gradients
-_COPIED_GRADS = "_copied_grads"
 
 
 class OptimWrapper:
@@ -74,17 +70,13 @@ class OptimWrapper:
             checkpoint falls. Off by default: such a checkpoint is larger by one copy of
             the gradients (see docs/checkpoints.md for DDP and FSDP).
         exact_skip: with clipping, a non-fused optimizer and no loss scaler, skip an update
-            whose gradient norm is inf or nan for real, with no host sync: the parameters
-            and the optimizer state it would change are copied before the step and copied
-            back on the device after it when the norm was not finite (counted in
-            ``skipped_steps``). Off by default: it costs a copy of those tensors per update.
-            Without it, or where the state cannot be restored on the device, such an update
-            is a step with zeroed gradients (counted in ``zeroed_steps``; see ``step``).
+            whose gradient norm is inf or nan for real (``skipped_steps``), by restoring on
+            the device what the step changed; it costs a copy of those tensors per update.
+            Otherwise such an update steps with zeroed gradients (``zeroed_steps``).
         compile_step: False (eager), True, or a dict of ``torch.compile`` keyword arguments:
             run each update (clip, non-finite guard, skip counts, optimizer step) as one
-            function compiled by ``torch.compile``, once per wrapper; a scaler's unscale
-            and update, and the ``num_items`` division, run eagerly around it. Pays off with
-            many parameter tensors and non-fused optimizers; see docs/compile.md.
+            ``torch.compile``-d function; pays off with many parameter tensors and non-fused
+            optimizers (docs/compile.md).
 
     Example::
 
@@ -96,11 +88,8 @@ class OptimWrapper:
                 loss = loss_fn(model(x), y)
             wrapper.update_params(loss)
 
-    Logging: ``last_grad_norm``, ``skipped_steps``, ``last_loss`` and ``loss_scale`` are
-    device tensors that ``update_params`` never reads; reading one is a host sync, so read
-    them every N steps, in one transfer (docs/logging.md)::
-
-        norm, skipped = torch.stack([wrapper.last_grad_norm, wrapper.skipped_steps]).tolist()
+    ``last_grad_norm``, ``skipped_steps``, ``last_loss`` and ``loss_scale`` are device
+    tensors ``update_params`` never reads: read them every N steps (docs/logging.md).
     """
 
     #: mmengine's fake "base" parameter group, which hwoptim does not make; mmengine's
@@ -189,11 +178,10 @@ class OptimWrapper:
             loss: the micro-batch's loss (a mean; with ``num_items``, a sum).
             step_kwargs: keyword arguments of ``optimizer.step``.
             zero_kwargs: keyword arguments of ``optimizer.zero_grad``.
-            num_items: ``loss`` sums the losses of this many items (an int, or an integer
-                tensor on any device); the update divides the gradients by the item count
-                of the whole window over the data-parallel ranks instead of dividing each
-                loss by the window length. Give it for every micro-batch of a window or for
-                none. See docs/variable-size-batches.md.
+            num_items: ``loss`` sums the losses of this many items (an int or an integer
+                tensor); the update divides the gradients by the window's item count over
+                the data-parallel ranks (docs/variable-size-batches.md). Every micro-batch
+                of a window gives it, or none does.
 
         After an exception the wrapper stays usable (see ``backward`` and ``step``); if
         ``zero_grad`` raises, the step was taken and the gradients are dropped anyway.
@@ -205,9 +193,7 @@ class OptimWrapper:
             self.backward(self.scale_loss(loss))
         else:
             self.backward(loss, num_items=num_items)
-            window = self._window
-            if window.max_counts == -1 and not window.warned_unknown_end and window.acc > 1:
-                window.warn_unknown_end()
+            self._window.check_end_known()
         if self.should_update():
             self.step(**(step_kwargs or _EMPTY))
             try:
@@ -226,10 +212,9 @@ class OptimWrapper:
             kwargs: keyword arguments of ``Tensor.backward``.
 
         A gradient-sync skip entered by ``optim_context`` ends here, after the backward,
-        so FSDP (which reads its flag during backward) skips the collective too. Errors are
-        raised before anything runs. If the backward raises, the sync skip ends all the same
-        and the micro-batch is not counted; gradients torch accumulated before the failure
-        stay: call ``zero_grad()`` to drop the window if that matters.
+        so FSDP (which reads its flag during backward) skips the collective too. If the
+        backward raises, the skip ends and the micro-batch is not counted (``zero_grad()``
+        drops what torch accumulated before the failure).
 
         .. note::
             Incurs no host sync: a tensor ``num_items`` stays on the device.
@@ -252,17 +237,13 @@ class OptimWrapper:
         self._window.inner += 1
 
     def step(self, **kwargs: Any) -> None:
-        """Divide by the window's item count (with ``num_items``), unscale, clip, and step.
-
-        Args:
-            kwargs: keyword arguments of ``optimizer.step``.
+        """Divide by the window's item count (with ``num_items``), unscale, clip, and
+        ``optimizer.step(**kwargs)``.
 
         With clipping, a step whose gradient norm is inf or nan (or a ``num_items`` window
-        without items) never puts a non-finite value into the parameters: a loss scaler or
-        a fused optimizer skips it on the device (``skipped_steps``), any other optimizer
-        steps with zeroed gradients (``zeroed_steps``) unless ``exact_skip=True`` undoes it
-        (docs/architecture.md, "The guard"). If anything in here raises, the window's
-        gradients are dropped, a scaler is put back to the start of a step, nothing is counted.
+        without items) never puts a non-finite value into the parameters (``skipped_steps``,
+        ``zeroed_steps``; docs/architecture.md, "The guard"). If anything in here raises,
+        the window's gradients are dropped and nothing is counted.
 
         .. note::
             Incurs no host sync, except a loss scaler's step of a non-fused optimizer
@@ -289,11 +270,7 @@ class OptimWrapper:
 
     def zero_grad(self, **kwargs: Any) -> None:
         """``optimizer.zero_grad(**kwargs)``; the window's item count is dropped with the
-        gradients it described.
-
-        Args:
-            kwargs: keyword arguments of ``optimizer.zero_grad``.
-        """
+        gradients it described."""
         self.optimizer.zero_grad(**kwargs)
         self._items.reset()
 
@@ -305,19 +282,20 @@ class OptimWrapper:
         Args:
             model: the model whose forward runs in the block (a plain module, DDP, FSDP).
 
-        On a micro-batch that will not update, the model's gradient synchronisation (DDP and
-        FSDP ``no_sync()``, FSDP2 ``set_requires_gradient_sync(False)``) is switched off on
-        entry and stays off until the backward of that micro-batch has run, whether
-        ``update_params`` is called inside this block or after it (mmengine's pattern):
-        FSDP1 and FSDP2 read their flag in the backward. How the sync is switched is the
-        backend's ``no_sync(model)``. AmpOptimWrapper also runs the forward in autocast
-        here. A plain module has no gradient sync to skip; for it (in fp32) this does nothing.
+        On a micro-batch that will not update, the model's gradient sync (DDP and FSDP
+        ``no_sync()``, FSDP2 ``set_requires_gradient_sync(False)``, or the backend's
+        ``no_sync(model)``) is off from here until that micro-batch's backward has run,
+        whether ``update_params`` is called inside this block or after it (mmengine's
+        pattern). AmpOptimWrapper also runs the forward in autocast here.
 
         .. note::
             Incurs no host sync.
         """
-        forward_context = self._binding.forward_context
-        return _OptimContext(self, model, None if forward_context is None else forward_context())
+        binding = self._binding
+        forward_context = binding.forward_context
+        return MicroBatchContext(
+            self._enter_micro_batch, model, binding, None if forward_context is None else forward_context()
+        )
 
     def _enter_micro_batch(self, model: Any) -> None:
         """Start a micro-batch's forward: bind a new model, then skip the sync if due."""
@@ -353,11 +331,7 @@ class OptimWrapper:
         if model is not None:
             self._bind_model(model)
         window.resume(init_counts, max_counts)
-        if window.acc > 1 and has_batch_norm(model):
-            warn(
-                "Gradient accumulative may slightly decrease performance because the model "
-                "has BatchNorm layers: their statistics see each micro-batch, not the window"
-            )
+        window.check_batch_norm(model)
 
     def should_update(self) -> bool:
         """Whether the micro-batch just backpropagated ends a window (checked after backward).
@@ -412,18 +386,13 @@ class OptimWrapper:
     @property
     def last_grad_norms(self) -> dict[GroupName, Tensor]:
         """Each param group's gradient norm before the last clipping, ``{name: 0-dim device
-        tensor}``, computed in the same pass as ``last_grad_norm`` (unscaled under a loss
-        scaler), to watch layer-wise norms and catch a diverging block early.
+        tensor}``, from the same pass as ``last_grad_norm`` (unscaled under a loss scaler).
 
-        A group's name is its ``"name"`` entry (set it in the param group, or through
-        paramwise_cfg's custom_keys), else its index in ``param_groups``; groups sharing a
-        name are one entry, their norm taken over all their tensors. Empty until the first
-        clipped update, without ``clip_grad`` (``dict(max_norm=float("inf"))`` measures
-        without clipping) and under FSDP1, which clips through its own module.
+        A group's name is its ``"name"`` entry, else its index; groups sharing a name are
+        one entry. Empty before the first clipped update, without ``clip_grad``
+        (``max_norm=float("inf")`` measures only) and under FSDP1 (docs/logging.md).
 
-        .. note::
-            Reading a value is a host sync: log them every N steps, stacked into one read
-            (docs/logging.md).
+        .. note:: Reading a value is a host sync: log them every N steps, in one read.
         """
         return self._guard.group_norms()
 
@@ -434,12 +403,9 @@ class OptimWrapper:
         layer that blew up can be found.
 
         Decided on the device from the groups' norms, the same on every rank; all False
-        while no update was bad (or when the last bad one was a ``num_items`` window without
-        items). Empty where ``last_grad_norms`` is.
+        while no update was bad. Empty where ``last_grad_norms`` is.
 
-        .. note::
-            Reading a value is a host sync: read them every N steps, e.g.
-            ``[name for name, bad in zip(d, torch.stack(list(d.values())).tolist()) if bad]``.
+        .. note:: Reading a value is a host sync: read them every N steps (docs/logging.md).
         """
         return self._guard.nonfinite_groups()
 
@@ -456,12 +422,10 @@ class OptimWrapper:
 
     @property
     def skipped_steps(self) -> Tensor | None:
-        """How many updates were really skipped (parameters and optimizer state untouched)
-        because a gradient was inf or nan, or (``num_items``) the window held no item, as a
-        device tensor.
-
-        Real skips are a loss scaler's, a fused optimizer's and ``exact_skip``'s. None until
-        a step has been checked (with clipping, loss scaling or ``num_items``).
+        """How many updates were really skipped (parameters and optimizer state untouched:
+        a loss scaler's, a fused optimizer's, ``exact_skip``'s) because a gradient was inf
+        or nan or (``num_items``) the window held no item, as a device tensor (None until a
+        step has been checked).
 
         .. note::
             Reading its value is a host sync: read it every N steps.
@@ -476,9 +440,8 @@ class OptimWrapper:
         were stepped with zeroed gradients instead of skipped, as a device tensor (None
         until a step has been checked).
 
-        What a non-fused optimizer gets without a loss scaler: momentum, weight decay and
-        the step count act as for a zero gradient. ``fused=True`` or ``exact_skip=True``
-        skip these steps for real, on the device.
+        Momentum, weight decay and the step count act as for a zero gradient;
+        ``fused=True`` or ``exact_skip=True`` skip these steps for real.
 
         .. note::
             Reading its value is a host sync: read it every N steps.
@@ -489,11 +452,9 @@ class OptimWrapper:
 
     @property
     def last_loss(self) -> Tensor | None:
-        """The item-weighted mean loss of the last update, as a device tensor.
-
-        With ``num_items``: the sum of the window's losses over all data-parallel ranks
-        divided by their total item count (nan for a window without items). None when the
-        last update was made without ``num_items`` or before the first update.
+        """The item-weighted mean loss of the last update (``num_items``), as a device tensor:
+        the window's loss sum over the data-parallel ranks divided by their item count (nan
+        for a window without items); None for an update without ``num_items``.
 
         .. note::
             Reading its value is a host sync: log it every N steps.
@@ -539,13 +500,10 @@ class OptimWrapper:
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state dict plus ``"hwoptim"``: the counters, for an exact resume.
 
-        With ``save_partial_grads=True`` and inside a window, ``"hwoptim"`` also holds
-        ``"grads"``: {index: gradient} in the optimizer state dict's parameter numbering
-        (parameters without a gradient are left out), ``"grads_rank"``: the data-parallel
-        rank they belong to, and with ``num_items`` ``"items_window"``: the window's item
-        count and loss sum so far. Under a loss scaler, mmengine's ``"loss_scaler"`` (left
-        out without one: mmengine loads a checkpoint without it, not one with ``{}``). Like
-        the optimizer's state, the tensors are the live ones: save the dict before training on.
+        With ``save_partial_grads=True`` inside a window it also holds the window's
+        gradients (and item count); under a loss scaler, mmengine's ``"loss_scaler"``
+        (docs/checkpoints.md has the layout). The tensors are the live ones: save the dict
+        before training on.
         """
         return _checkpoint.save(
             self.optimizer, self._window, self._items, self._precision, self._binding.params(),
@@ -562,12 +520,10 @@ class OptimWrapper:
         """
         self._apply_load(self._plan_load(state_dict))
 
-    def _plan_load(self, state_dict: Any) -> _checkpoint.LoadPlan:
-        """Check ``state_dict`` against this wrapper: the plan ``_apply_load`` applies."""
+    def _plan_load(self, state_dict: Any) -> _checkpoint.LoadPlan:  # checks, changes nothing
         return _checkpoint.plan(state_dict, self.optimizer, self._window, self._precision, self._binding.params())
 
-    def _apply_load(self, plan: _checkpoint.LoadPlan) -> None:
-        """Apply a checked plan."""
+    def _apply_load(self, plan: _checkpoint.LoadPlan) -> None:  # applies a checked plan
         _checkpoint.apply(plan, self.optimizer, self._window, self._items, self._precision, self._binding.params())
         self._binding.forget_params()  # the parameters may have been re-grouped
 
@@ -576,25 +532,18 @@ class OptimWrapper:
         process_group: Any = None,
     ) -> Future[None] | None:
         """Save ``model``, the optimizer and this wrapper's state as one sharded checkpoint
-        with torch.distributed.checkpoint (each rank writes its own shards).
+        with torch.distributed.checkpoint; call it on every rank at the same point.
 
         Args:
             checkpoint_id: the checkpoint's folder (made if missing).
             model: the model the optimizer trains (FSDP2/HSDP, DDP or a plain module).
-            async_save: save with ``dcp.async_save``: the state is copied to the host
-                before this returns and written in the background; returns a Future that
-                is done once the checkpoint, checksums included, is complete.
+            async_save: ``dcp.async_save``: returns a Future, done once the checkpoint
+                (checksums included) is complete; the state is copied to the host first.
             process_group: the group DCP coordinates over (None: the default group).
 
-        Call it on every rank at the same point. Inside an accumulation window with
-        ``save_partial_grads=True`` the window is saved too; under FSDP2 its gradients are
-        first reduce-scattered into the sharded ``.grad`` (one extra collective), and
-        training goes on from there (docs/checkpoints.md, "Sharded checkpoints with DCP").
-
-        .. note::
-            A checkpoint is complete once every rank wrote its checksum file: when
-            ``save_sharded`` returns on any rank, or when every rank's Future of an async
-            save is done. ``load_sharded`` refuses one that is not.
+        Inside a window with ``save_partial_grads=True`` the window is saved too; under
+        FSDP2 its gradients are first reduce-scattered into the shards (one collective).
+        docs/checkpoints.md, "Sharded checkpoints with DCP", says what is exact.
         """
         return _sharded.save(
             checkpoint_id, model, self.optimizer, self._window, self._items, self._precision, self._skips,
@@ -605,16 +554,10 @@ class OptimWrapper:
     def load_sharded(self, checkpoint_id: str | os.PathLike[str], model: Any, *, process_group: Any = None) -> None:
         """Load a checkpoint of ``save_sharded`` into ``model``, the optimizer and this wrapper.
 
-        Args:
-            checkpoint_id: the checkpoint's folder.
-            model: the model the optimizer trains, built and sharded as for training.
-            process_group: the group DCP coordinates over (None: the default group).
-
-        Call it on every rank. The checksums, the wrapper's part and every key are checked,
-        and the checkpoint is read into fresh buffers (one more copy of this rank's shards
-        while loading) before anything changes: on an error nothing was loaded. A checkpoint
-        taken at the end of a window loads on any number of ranks; one taken inside a
-        window with its gradients only on as many ranks as saved it.
+        ``model`` is built and sharded as for training; the arguments are ``save_sharded``'s.
+        Call it on every rank. Everything is checked, and read into fresh buffers, before
+        anything changes: on an error nothing was loaded. A window-end checkpoint loads on
+        any number of ranks, a mid-window one only on as many as saved it.
         """
         _sharded.load(
             checkpoint_id, model, self.optimizer, self._window, self._items, self._precision, self._skips,
@@ -627,21 +570,13 @@ class OptimWrapper:
     def __getstate__(self) -> dict[str, Any]:
         """A copy holds everything but the model, plus the parameters' gradients (torch's
         ``Parameter`` drops them): docs/architecture.md, "Checkpoints and copies"."""
-        state = self.__dict__.copy()
-        grads = [p.grad for p in self._binding.params()]
-        if any(grad is not None for grad in grads):
-            state[_COPIED_GRADS] = grads
-        return state
+        return _checkpoint.copy_state(self.__dict__, self._binding.params())
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Rebuild a copy: it learns its model at the next ``optim_context`` or
         ``initialize_count_status``; the copied parameters get their gradients back."""
-        state = dict(state)
-        grads = state.pop(_COPIED_GRADS, None)
-        self.__dict__.update(state)
-        if grads is not None:  # the copied optimizer's parameters are the copied model's
-            for param, grad in zip(self._binding.params(), grads):
-                param.grad = grad
+        grads = _checkpoint.restore_copy(self.__dict__, state)
+        _checkpoint.give_grads(self._binding.params(), grads)
         self._guard.bind(None)
         _extensions.wrapper_created(self)  # the optimizer's hooks are not copied
 
@@ -661,32 +596,3 @@ class OptimWrapper:
         """Lines a subclass adds to the repr."""
         return []
 
-
-class _OptimContext:
-    """What ``optim_context`` returns, one per micro-batch (a plain class: a fifth of a
-    generator context's cost). ``inner`` (autocast) is entered after the sync skip and left
-    before; an exception releases the skip, since no backward will end it."""
-
-    __slots__ = ("_inner", "_model", "_wrapper")
-
-    def __init__(self, wrapper: OptimWrapper, model: Any, inner: AbstractContextManager[Any] | None):
-        self._wrapper = wrapper
-        self._model = model
-        self._inner = inner
-
-    def __enter__(self) -> None:
-        self._wrapper._enter_micro_batch(self._model)
-        if self._inner is not None:
-            try:
-                self._inner.__enter__()
-            except BaseException:
-                self._wrapper._binding.release()
-                raise
-
-    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
-        try:
-            if self._inner is not None:
-                self._inner.__exit__(exc_type, exc, traceback)
-        finally:
-            if exc_type is not None:
-                self._wrapper._binding.release()

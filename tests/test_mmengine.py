@@ -44,6 +44,7 @@ from test_host_sync import HostSyncDetector
 
 import hwoptim
 import hwoptim.mmengine as bridge
+from hwoptim import _mmengine_log
 
 
 def train(work_dir: Path, **overrides: Any) -> Runner:
@@ -369,7 +370,7 @@ def test_per_group_norms_reach_the_logs_as_grad_norm_slash_group_read_at_the_int
 def test_one_param_group_logs_no_per_group_norm_and_many_only_the_named(tmp_path):
     runner = train(tmp_path, optim_wrapper=fp32_config("hwoptim.OptimWrapper"))
     assert not any(k.startswith("train/grad_norm/") for k in runner.message_hub.log_scalars)
-    hook = bridge._LogAfterStep(runner.optim_wrapper)
+    hook = _mmengine_log._LogAfterStep(runner.optim_wrapper)
     many = (*range(bridge.MAX_LOGGED_GROUPS), "head")
     assert hook.group_keys(many) == {"head": "train/grad_norm/head"}
     assert hook.group_keys((0, "head")) == {0: "train/grad_norm/0", "head": "train/grad_norm/head"}
