@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from mmengine.hooks import Hook
 from mmengine.model import BaseModel
 from mmengine.registry import DATASETS, MODELS
 from torch import nn
@@ -359,3 +360,17 @@ def _dist_items_flexible(rank: int, workdir: Path) -> dict[str, Any]:
 
 SCENARIOS = {"runner": _dist_runner, "flexible": _dist_flexible, "items": _dist_items,
              "items-flexible": _dist_items_flexible}
+
+
+class StopAfter(Hook):
+    """Ends a run after ``iters`` iterations, after the checkpoint of that iteration."""
+
+    priority = "LOWEST"
+
+    def __init__(self, iters: int) -> None:
+        self.iters = iters
+
+    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
+                         outputs: Any = None) -> None:
+        if runner.iter + 1 == self.iters:
+            raise KeyboardInterrupt("stopped on purpose")

@@ -30,6 +30,7 @@ from _mmengine_worker import (
     ItemData,
     ItemNet,
     Net,
+    StopAfter,
     dataloader,
     dist_optim_wrapper,
     item_weighted_reference,
@@ -472,20 +473,6 @@ def test_a_wrapper_can_leave_the_message_hub():
 
 
 # -- checkpoints ----------------------------------------------------------------------------
-
-
-class StopAfter(Hook):
-    """Ends a run after ``iters`` iterations, after the checkpoint of that iteration."""
-
-    priority = "LOWEST"
-
-    def __init__(self, iters: int) -> None:
-        self.iters = iters
-
-    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
-                         outputs: Any = None) -> None:
-        if runner.iter + 1 == self.iters:
-            raise KeyboardInterrupt("stopped on purpose")
 
 
 RESUME_CONFIG = dict(

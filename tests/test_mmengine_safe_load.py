@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _mmengine_worker import ITERS, ItemData, ItemNet, Net, dataloader, params_of, runner_kwargs
+from _mmengine_worker import ITERS, ItemData, ItemNet, Net, StopAfter, dataloader, params_of, runner_kwargs
 from helpers import assert_same
-from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.runner import Runner
 
@@ -152,20 +151,6 @@ def test_an_optim_wrapper_dict_state_dict_loads_with_nothing_allowed():
 
 
 # -- the Runner: resume exactly, with safe loading on ----------------------------------------
-
-
-class StopAfter(Hook):
-    """Ends a run after ``iters`` iterations, after the checkpoint of that iteration."""
-
-    priority = "LOWEST"
-
-    def __init__(self, iters: int) -> None:
-        self.iters = iters
-
-    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
-                         outputs: Any = None) -> None:
-        if runner.iter + 1 == self.iters:
-            raise KeyboardInterrupt("stopped on purpose")
 
 
 SCHEDULE = dict(param_scheduler=dict(type="LinearLR", start_factor=0.2, by_epoch=False, begin=0, end=8))

@@ -21,12 +21,12 @@ from _mmengine_worker import (
     ItemData,
     ItemNet,
     Net,
+    StopAfter,
     dataloader,
     item_weighted_reference,
     params_of,
     runner_kwargs,
 )
-from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 import hwoptim
@@ -47,18 +47,6 @@ RUN = dict(
     train_cfg=dict(by_epoch=False, max_iters=ITERS),
     param_scheduler=dict(type="LinearLR", start_factor=0.2, by_epoch=False, begin=0, end=8),
 )
-
-
-class StopAfter(Hook):
-    priority = "LOWEST"
-
-    def __init__(self, iters: int) -> None:
-        self.iters = iters
-
-    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
-                         outputs: Any = None) -> None:
-        if runner.iter + 1 == self.iters:
-            raise KeyboardInterrupt("stopped on purpose")
 
 
 def test_mmengine_puts_the_model_on_the_cpu_whatever_the_user_did(tmp_path, device):
