@@ -98,10 +98,20 @@ def norms_by_group(
 def by_mesh(params: Sequence[Tensor]) -> list[list[Tensor]]:
     """``params`` (those with a gradient) split by their gradient's mesh, plain ones apart:
     what one torch foreach call over gradients can take (it refuses mixed meshes)."""
+    with_grads = [param for param in params if param.grad is not None]
+    return _bucketed(with_grads, [param.grad for param in with_grads])
+
+
+def grads_by_mesh(grads: Sequence[Tensor]) -> list[list[Tensor]]:
+    """``grads`` split by their mesh, plain ones apart (``by_mesh`` for the gradients)."""
+    return _bucketed(grads, grads)
+
+
+def _bucketed(items: Sequence[Tensor], grads: Sequence[Any]) -> list[list[Tensor]]:
+    """``items`` grouped by the mesh of the matching gradient in ``grads``, in first-seen order."""
     buckets: dict[Any, list[Tensor]] = {}
-    for param in params:
-        if param.grad is not None:
-            buckets.setdefault(getattr(param.grad, "device_mesh", None), []).append(param)
+    for item, grad in zip(items, grads):
+        buckets.setdefault(getattr(grad, "device_mesh", None), []).append(item)
     return list(buckets.values())
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from hwoptim import _torch_compat
-from hwoptim._grad_norm import _PLAIN
+from hwoptim._grad_norm import _PLAIN, grads_by_mesh
 from hwoptim._precision import NoScaling
 from hwoptim._skips import NONFINITE, SKIPPED, ZEROED, SkipCounter
 from hwoptim.clip import ClipFn, ClipGrad, GroupLayout, GroupName, nonfinite_flag
@@ -31,14 +31,6 @@ __all__ = ["EXACT", "FUSED", "ZERO", "Guard"]
 FUSED = 0  # ints, compared with ==: a copied wrapper's policy must still match
 EXACT = 1
 ZERO = 2
-
-
-def _by_mesh(grads: list[Tensor]) -> list[list[Tensor]]:
-    """``grads`` split by their mesh (plain ones together)."""
-    buckets: dict[Any, list[Tensor]] = {}
-    for grad in grads:
-        buckets.setdefault(getattr(grad, "device_mesh", None), []).append(grad)
-    return list(buckets.values())
 
 
 def _bad_update(norm: Tensor | None, empty: Tensor | None) -> Tensor:
@@ -319,7 +311,7 @@ class Guard:
             if set(map(type, grads)) == _PLAIN:
                 torch._foreach_mul_(grads, finite)
             else:  # torch's foreach ops refuse DTensors of different meshes
-                for bucket in _by_mesh(grads):
+                for bucket in grads_by_mesh(grads):
                     torch._foreach_mul_(bucket, finite)
         for grad in grads:  # no foreach op maps nan to 0
             grad.nan_to_num_(0.0, 0.0, 0.0)
