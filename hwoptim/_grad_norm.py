@@ -184,6 +184,7 @@ def _per_tensor_norms(
 # -- DTensors -----------------------------------------------------------------------------------
 
 
+@torch.no_grad()  # a gradient's norm needs no graph; and to_local is a plain read without one
 def _distributed_norms(
     flat: list[Tensor], group_of: Sequence[int], n_groups: int, p: float, foreach: bool | None
 ) -> tuple[Tensor, Tensor]:
@@ -194,6 +195,7 @@ def _distributed_norms(
     locals_: list[Tensor] = []
     where: list[tuple[Any, int, int]] = []  # (reduction key, group, copies) of each local
     meshes: dict[int, Any] = {}  # reduction key -> mesh, for the meshes of fewer ranks
+    seen: dict[tuple[int, Any], tuple[Any, int]] = {}  # (mesh, placements) -> (key, copies)
     for tensor, group in zip(flat, group_of):
         mesh = getattr(tensor, "device_mesh", None)
         if mesh is None:  # whole on every rank: the average of its copies
@@ -201,27 +203,34 @@ def _distributed_norms(
             where.append((_WORLD, group, world))
             continue
         tensor = _without_partial(tensor)
-        copies = math.prod(
-            mesh.size(dim) for dim, placement in enumerate(tensor.placements)
-            if placement.is_replicate()
-        )
+        layout = (id(mesh), tensor.placements)
+        known = seen.get(layout)
+        if known is None:
+            copies = math.prod(
+                mesh.size(dim) for dim, placement in enumerate(tensor.placements)
+                if placement.is_replicate()
+            )
+            key: Any = _WORLD
+            if mesh.size() != world:
+                meshes.setdefault(id(mesh), mesh)
+                key = id(mesh)
+            known = seen[layout] = (key, copies)
         locals_.append(tensor.to_local())
-        if mesh.size() == world:
-            where.append((_WORLD, group, copies))
-        else:
-            meshes.setdefault(id(mesh), mesh)
-            where.append((id(mesh), group, copies))
-    norms, _ = _per_tensor_norms(locals_, p, foreach)
+        where.append((known[0], group, known[1]))
+    norms, one_device = _per_tensor_norms(locals_, p, foreach)
     device = locals_[0].device
     dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
 
     # (key, group, copies) -> norms; then per key a vector of one entry per group
     buckets: dict[tuple[Any, int, int], list[Tensor]] = {}
     for norm, key in zip(norms, where):
-        buckets.setdefault(key, []).append(norm.to(device, dtype))
+        buckets.setdefault(key, []).append(norm)
     shares: dict[Any, list[Tensor | None]] = {}
     for (key, group, copies), bucket in buckets.items():
-        stacked = torch.stack(bucket)
+        if one_device:  # one stack, then one conversion
+            stacked = torch.stack(bucket).to(dtype)
+        else:
+            stacked = torch.stack([n.to(device, dtype) for n in bucket])
         if p == math.inf:
             part = stacked.amax()
         else:
