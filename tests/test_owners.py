@@ -81,3 +81,60 @@ def test_under_mmengines_runner_the_placement_error_names_the_constructor() -> N
     model.bias = nn.Parameter(torch.empty_like(model.bias, device="meta"))
     with pytest.raises(RuntimeError, match=r"under mmengine's Runner.*hwoptim.OptimWrapperConstructor"):
         wrapper.initialize_count_status(model, 0, 10)
+
+
+def _finishing_guard(clip: bool, **kwargs: object) -> tuple[hwoptim.OptimWrapper, object]:
+    """A wrapper whose guard is about to finish a compiled first call that failed after
+    its step (``Guard._finish_after_step``), with an inf norm from that call."""
+    model = nn.Linear(2, 1)
+    fused = kwargs.pop("fused", False)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True) if fused else torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapper = hwoptim.OptimWrapper(opt, clip_grad=dict(max_norm=1.0) if clip else None, **kwargs)  # type: ignore[arg-type]
+    guard = wrapper._guard
+    wrapper._skips.materialize(torch.device("cpu"), 1 if clip else None)
+    if clip:
+        guard.layout_of(wrapper._binding.params())
+        guard.last_grad_norm = torch.tensor(float("inf"))
+        guard.last_group_norms = torch.tensor([float("inf")])
+    return wrapper, guard
+
+
+def _counts(wrapper: hwoptim.OptimWrapper) -> tuple[float, float]:
+    wrapper._skips.fold()
+    return float(wrapper._skips.skipped), float(wrapper._skips.zeroed)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kwargs", "want"), [({}, (0.0, 1.0)), ({"exact_skip": True}, (0.0, 1.0)),
+                                              ({"fused": True}, (1.0, 0.0))])
+def test_a_compiled_update_finished_after_its_step_is_counted_once_by_its_policy(
+    kwargs: dict[str, object], want: tuple[float, float]
+) -> None:
+    """The compiled first call failed after the step: the update is counted -- skipped for
+    a fused optimizer (found_inf skipped it), zeroed otherwise (exact_skip's copies were
+    lost with the call) -- with its norms and non-finite groups, and never twice."""
+    wrapper, guard = _finishing_guard(True, **kwargs)
+    norm, groups = guard.last_grad_norm, guard.last_group_norms
+    before = wrapper._skips.snapshot()
+    out = guard._finish_after_step(before, None, None)
+    assert out is not None and out[0] is norm and out[1] is groups
+    assert _counts(wrapper) == want
+    assert {k: bool(v) for k, v in wrapper.nonfinite_groups.items()} == {0: True}
+    again = guard._finish_after_step(before, None, None)  # the counts moved since ``before``
+    assert again is not None and again[0] is norm
+    assert _counts(wrapper) == want
+
+
+def test_a_compiled_update_finished_after_its_step_counts_a_scalers_skip_as_skipped() -> None:
+    wrapper, guard = _finishing_guard(True)
+    guard._finish_after_step(wrapper._skips.snapshot(), torch.tensor(1.0), None)
+    assert _counts(wrapper) == (1.0, 0.0)
+
+
+def test_a_compiled_update_finished_after_its_step_without_clipping_counts_only_an_empty_window() -> None:
+    wrapper, guard = _finishing_guard(False)
+    assert guard._finish_after_step(wrapper._skips.snapshot(), None, None) is None
+    assert _counts(wrapper) == (0.0, 0.0)
+    assert guard._finish_after_step(wrapper._skips.snapshot(), None, torch.tensor(1.0)) is None
+    assert _counts(wrapper) == (0.0, 1.0)
+    assert guard._finish_after_step(wrapper._skips.snapshot(), None, torch.tensor(0.0)) is None
+    assert _counts(wrapper) == (0.0, 1.0)
