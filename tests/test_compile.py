@@ -182,7 +182,7 @@ def test_repr_shows_compile_step() -> None:
     model = _model()
     assert "compile_step" not in repr(hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)))
     wrapper = hwoptim.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), compile_step=True)
-    assert "  compile_step=True," in repr(wrapper)
+    assert "  compile_step=True," in repr(wrapper).splitlines()  # the whole line: nothing after it
     wrapper = hwoptim.OptimWrapper(
         torch.optim.SGD(model.parameters(), lr=0.1), compile_step={"mode": "max-autotune"}
     )
@@ -323,6 +323,20 @@ def test_a_deep_copy_compiles_its_own_update_and_steps_its_own_parameters() -> N
     twin.step()
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert not all(torch.equal(b, p) for b, p in zip(before, twin_params))
+
+
+def test_a_deep_copy_watches_its_own_optimizers_steps() -> None:
+    """compile_step notes whether the optimizer stepped (so that a failure after the step
+    does not step twice): a copy must note its own optimizer's steps, not share the flag
+    of the original, whose hook the copied optimizer still carries."""
+    _, wrapper = _run("sgd", EAGER_BACKEND)
+    twin = copy.deepcopy(wrapper)
+    twin_params = twin.optimizer.param_groups[0]["params"]
+    for p in twin_params:
+        p.grad = torch.ones_like(p)
+    twin.step()
+    assert twin._guard._step_seen == [True]
+    assert twin._guard._step_seen is not wrapper._guard._step_seen
 
 
 def test_a_saved_and_loaded_wrapper_compiles_again_and_trains_its_own_model() -> None:

@@ -554,6 +554,92 @@ def test_state_off_the_norms_device_is_not_restorable():
     assert hwoptim._guard._step_tensors(optimizer, [param], torch.device("cpu")) is None
 
 
+class NotesInState(torch.optim.SGD):
+    """SGD with momentum that also keeps, per parameter, a None entry followed by a tensor
+    it changes at every step (as third-party optimizers do with optional state)."""
+
+    def step(self, closure: Any = None) -> Any:
+        out = super().step(closure)
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state[param]
+                if "seen" not in state:
+                    state["optional"] = None
+                    state["seen"] = torch.zeros(())
+                state["seen"].add_(1)
+        return out
+
+
+def test_exact_skip_restores_state_kept_after_an_empty_entry():
+    model = make_model()
+    optimizer = NotesInState(model.parameters(), lr=0.1, momentum=0.9)
+    wrapper = OptimWrapper(optimizer, clip_grad=dict(max_norm=1.0), exact_skip=True)
+    wrapper.update_params(loss_of(model, 0))
+    state = optimizer_state(optimizer)
+    wrapper.update_params(inf_loss(model))
+    after = optimizer_state(optimizer)
+    for index, entry in state.items():
+        assert float(after[index]["seen"]) == float(entry["seen"]) == 1.0, index
+        assert torch.equal(after[index]["momentum_buffer"], entry["momentum_buffer"]), index
+    assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (1, 0)
+
+
+class CountsInState(torch.optim.SGD):
+    """Keeps a Python counter per parameter: not restorable without a host sync."""
+
+    def step(self, closure: Any = None) -> Any:
+        out = super().step(closure)
+        for group in self.param_groups:
+            for param in group["params"]:
+                self.state[param]["count"] = self.state[param].get("count", 0) + 1
+        return out
+
+
+def test_exact_skip_counts_a_step_that_creates_python_state_as_zeroed():
+    """Restorable before the step (no state yet), not after it (a Python number): the
+    update is a zeroed step, counted so, not an error."""
+    model = make_model()
+    params = params_of(model)
+    wrapper = OptimWrapper(CountsInState(model.parameters(), lr=0.1), clip_grad=dict(max_norm=1.0),
+                           exact_skip=True)
+    wrapper.update_params(inf_loss(model))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), params))  # zero gradients, plain SGD
+    assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (0, 1)
+
+
+class ReplacesGroupTensor(torch.optim.SGD):
+    """Keeps a device tensor ``d`` in each group and replaces it (a new tensor) at every step."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, lr=0.1)
+        for group in self.param_groups:
+            group["d"] = torch.ones(())
+
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            group["d"] = group["d"] * 2
+        return super().step(closure)
+
+
+def test_exact_skip_does_not_take_a_replaced_group_tensor_for_a_changed_python_value():
+    """Group tensors are restored on the device, whichever object holds them after the
+    step; only Python values (compared on the host) make the update a zeroed one."""
+    model = make_model()
+    optimizer = ReplacesGroupTensor(model.parameters())
+    wrapper = OptimWrapper(optimizer, clip_grad=dict(max_norm=1.0), exact_skip=True)
+    wrapper.update_params(loss_of(model, 0))
+    wrapper.update_params(inf_loss(model))
+    assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (1, 0)
+
+
+def test_group_values_differ_when_a_step_adds_a_group_or_a_key():
+    same = hwoptim._guard._same_values
+    assert same([{"lr": 0.1}], [{"lr": 0.1}])
+    assert not same([{"lr": 0.1}], [{"lr": 0.1}, {"lr": 0.1}])
+    assert not same([{"lr": 0.1}], [{"lr": 0.1, "k": 1}])
+    assert not same([{"lr": 0.1}], [{"lr": 0.2}])
+
+
 def test_exact_skip_with_a_fused_optimizer_or_a_scaler_changes_nothing():
     fused = OptimWrapper(torch.optim.AdamW(make_model().parameters(), fused=True), clip_grad=dict(max_norm=1.0),
                          exact_skip=True)

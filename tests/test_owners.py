@@ -14,6 +14,7 @@ from hwoptim import _extensions
 from hwoptim._checkpoint import LoadPlan
 from hwoptim._skips import FOLD_EVERY, NONFINITE, SKIPPED, ZEROED, SkipCounter
 from hwoptim._window import AccumulationWindow
+from hwoptim.clip import GroupLayout
 
 
 def test_the_skip_counter_counts_each_kind_in_one_fold() -> None:
@@ -88,7 +89,8 @@ def _finishing_guard(clip: bool, **kwargs: object) -> tuple[hwoptim.OptimWrapper
     its step (``Guard._finish_after_step``), with an inf norm from that call."""
     model = nn.Linear(2, 1)
     fused = kwargs.pop("fused", False)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True) if fused else torch.optim.SGD(model.parameters(), lr=0.1)
+    params = model.parameters()
+    opt = torch.optim.AdamW(params, lr=0.1, fused=True) if fused else torch.optim.SGD(params, lr=0.1)
     wrapper = hwoptim.OptimWrapper(opt, clip_grad=dict(max_norm=1.0) if clip else None, **kwargs)  # type: ignore[arg-type]
     guard = wrapper._guard
     wrapper._skips.materialize(torch.device("cpu"), 1 if clip else None)
@@ -128,6 +130,18 @@ def test_a_compiled_update_finished_after_its_step_counts_a_scalers_skip_as_skip
     wrapper, guard = _finishing_guard(True)
     guard._finish_after_step(wrapper._skips.snapshot(), torch.tensor(1.0), None)
     assert _counts(wrapper) == (1.0, 0.0)
+    assert {k: bool(v) for k, v in wrapper.nonfinite_groups.items()} == {0: True}
+
+
+def test_the_non_finite_groups_are_unknown_while_the_flags_describe_other_groups() -> None:
+    """Flags of one group, a layout of two (the groups changed before any update with them
+    was counted): no answer rather than a stale one."""
+    wrapper, guard = _finishing_guard(True)
+    guard._finish_after_step(wrapper._skips.snapshot(), None, None)
+    assert len(wrapper.nonfinite_groups) == 1
+    params = wrapper._binding.params()
+    guard.layout = GroupLayout([{"params": params[:1]}, {"params": params[1:]}], params)
+    assert wrapper.nonfinite_groups == {}
 
 
 def test_a_compiled_update_finished_after_its_step_without_clipping_counts_only_an_empty_window() -> None:
