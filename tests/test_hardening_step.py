@@ -640,6 +640,34 @@ def test_group_values_differ_when_a_step_adds_a_group_or_a_key():
     assert not same([{"lr": 0.1}], [{"lr": 0.2}])
 
 
+def test_a_bad_update_zeroes_value_clipped_dtensor_gradients_beside_plain_ones(tmp_path):
+    """Value clipping leaves finite gradients beside the inf: the zeroed step multiplies
+    them by 0, mesh by mesh for DTensors (torch's foreach ops refuse a mix). One process,
+    a one-rank mesh: the same path as FSDP2 + a plain parameter."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain = nn.Parameter(torch.ones(3))
+        spread = nn.Parameter(distribute_tensor(torch.ones(4), mesh, [Replicate()]))
+        wrapper = OptimWrapper(torch.optim.SGD([plain, spread], lr=0.1), clip_grad=dict(type="value", clip_value=0.5))
+        plain.grad = torch.tensor([1.0, float("inf"), 2.0])
+        spread.grad = distribute_tensor(torch.tensor([3.0, -1.0, 0.25, 4.0]), mesh, [Replicate()])
+        wrapper.step()
+        assert torch.equal(plain.detach(), torch.ones(3))
+        assert torch.equal(spread.detach().full_tensor(), torch.ones(4))
+        assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (0, 1)
+        plain.grad = torch.tensor([1.0, -1.0, 0.0])
+        spread.grad = distribute_tensor(torch.tensor([3.0, -1.0, 0.25, 4.0]), mesh, [Replicate()])
+        wrapper.step()  # a finite update is clamped and stepped
+        assert torch.allclose(spread.detach().full_tensor(), torch.tensor([0.95, 1.05, 0.975, 0.95]))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_exact_skip_with_a_fused_optimizer_or_a_scaler_changes_nothing():
     fused = OptimWrapper(torch.optim.AdamW(make_model().parameters(), fused=True), clip_grad=dict(max_norm=1.0),
                          exact_skip=True)
