@@ -668,6 +668,26 @@ def test_a_bad_update_zeroes_value_clipped_dtensor_gradients_beside_plain_ones(t
         dist.destroy_process_group()
 
 
+def test_a_fused_optimizer_skips_a_bad_update_under_a_float64_default_dtype():
+    """The found_inf a fused optimizer reads is float32 whatever torch's default dtype (its
+    kernels take no other), and made on the parameter's device; a single parameter."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        param = nn.Parameter(torch.ones(3, dtype=torch.float32))
+        wrapper = OptimWrapper(torch.optim.AdamW([param], lr=0.1, fused=True), clip_grad=dict(max_norm=1.0))
+        assert wrapper._guard.policy == FUSED
+        param.grad = torch.tensor([1.0, float("inf"), 0.0], dtype=torch.float32)
+        wrapper.step()
+        assert torch.equal(param.detach(), torch.ones(3, dtype=torch.float32))
+        assert float(wrapper.skipped_steps) == 1
+        param.grad = torch.ones(3, dtype=torch.float32)
+        wrapper.step()
+        assert not torch.equal(param.detach(), torch.ones(3, dtype=torch.float32))
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def test_exact_skip_with_a_fused_optimizer_or_a_scaler_changes_nothing():
     fused = OptimWrapper(torch.optim.AdamW(make_model().parameters(), fused=True), clip_grad=dict(max_norm=1.0),
                          exact_skip=True)
