@@ -607,6 +607,28 @@ def test_exact_skip_counts_a_step_that_creates_python_state_as_zeroed():
     assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (0, 1)
 
 
+class WidensState(torch.optim.SGD):
+    """Replaces a state tensor by one of another dtype (same shape) at every step."""
+
+    def step(self, closure: Any = None) -> Any:
+        out = super().step(closure)
+        for group in self.param_groups:
+            for param in group["params"]:
+                old = self.state[param].get("acc", torch.zeros(()))
+                self.state[param]["acc"] = (old.double() if old.dtype == torch.float32 else old.float()) + 1
+        return out
+
+
+def test_exact_skip_counts_a_step_that_changes_a_state_tensors_dtype_as_zeroed():
+    """A copy of another dtype cannot be written back where() it was: zeroed, counted so."""
+    model = make_model()
+    wrapper = OptimWrapper(WidensState(model.parameters(), lr=0.1), clip_grad=dict(max_norm=1.0),
+                           exact_skip=True)
+    wrapper.update_params(loss_of(model, 0))
+    wrapper.update_params(inf_loss(model))
+    assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (0, 1)
+
+
 class ReplacesGroupTensor(torch.optim.SGD):
     """Keeps a device tensor ``d`` in each group and replaces it (a new tensor) at every step."""
 
