@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from _dist_worker import batch, items_batch, items_loss, loss_fn, make_model, params_of
+from _dist_worker import batch, hsdp_model, items_batch, items_loss, loss_fn, make_model, params_of
 from torch import nn
 
 from hwoptim import AmpOptimWrapper, OptimWrapper
@@ -37,17 +37,6 @@ def fsdp2_model() -> nn.Module:
     model = make_model()
     for module in (model[0], model[2], model):
         fully_shard(module)
-    return model
-
-
-def hsdp_model() -> nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-    model = make_model()
-    for module in (model[0], model[2], model):
-        fully_shard(module, mesh=mesh)
     return model
 
 

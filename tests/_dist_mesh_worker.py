@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from _dist_harness import counting, counting_reduce_scatter, ddp_with_counter
-from _dist_worker import IN, OUT, batch, fused_adamw, loss_fn, make_model, params_of, sgd
+from _dist_worker import IN, OUT, batch, fused_adamw, hsdp_model, loss_fn, make_model, params_of, sgd
 from torch import nn
 
 from hwoptim import OptimWrapper
@@ -89,17 +89,6 @@ def reference(
 
 def plain_sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1)
-
-
-def hsdp_model() -> nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-    model = make_model()
-    for module in (model[0], model[2], model):
-        fully_shard(module, mesh=mesh)
-    return model
 
 
 def fsdp2_tp_model() -> nn.Module:

@@ -134,6 +134,19 @@ def fsdp2_model(shard_root: bool = True) -> nn.Sequential:
     return model
 
 
+def hsdp_model(shape: tuple[int, int] = (2, 2)) -> nn.Sequential:
+    """make_model() under HSDP: replicated over the mesh's first dimension, sharded over
+    its second (each Linear and the root)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+    model = make_model()
+    for module in (model[0], model[2], model):
+        fully_shard(module, mesh=mesh)
+    return model
+
+
 # -- scenarios: each returns what the tests assert on -------------------------------------------
 
 
@@ -229,15 +242,8 @@ def _ddp_num_items(rank: int, one_element: bool = False) -> dict[str, Any]:
 
 
 def _fsdp2_num_items(rank: int, hsdp: bool = False) -> dict[str, Any]:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    model = make_model()
-    mesh = None
-    if hsdp:  # replicate over the 2 ranks, shard over 1: HSDP's two groups, on 2 processes
-        mesh = init_device_mesh("cpu", (WORLD_SIZE, 1), mesh_dim_names=("replicate", "shard"))
-    for module in (model[0], model[2], model):
-        fully_shard(module, mesh=mesh)
+    # HSDP: replicate over the 2 ranks, shard over 1: HSDP's two groups, on 2 processes
+    model = hsdp_model((WORLD_SIZE, 1)) if hsdp else fsdp2_model()
     wrapper = OptimWrapper(sgd(model), accumulative_counts=ACC, clip_grad=CLIP)
     with counting_reduce_scatter() as scatters, counting("all_reduce") as all_reduces:
         record = _train_items(wrapper, model, rank, False, lambda: scatters[0], all_reduces)
