@@ -554,20 +554,29 @@ def test_state_off_the_norms_device_is_not_restorable():
     assert hwoptim._guard._step_tensors(optimizer, [param], torch.device("cpu")) is None
 
 
-class NotesInState(torch.optim.SGD):
-    """SGD with momentum that also keeps, per parameter, a None entry followed by a tensor
-    it changes at every step (as third-party optimizers do with optional state)."""
+class EditsStateAfterStep(torch.optim.SGD):
+    """SGD whose step then edits each parameter's state with ``edit`` (a subclass's)."""
+
+    def edit(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
 
     def step(self, closure: Any = None) -> Any:
         out = super().step(closure)
         for group in self.param_groups:
             for param in group["params"]:
-                state = self.state[param]
-                if "seen" not in state:
-                    state["optional"] = None
-                    state["seen"] = torch.zeros(())
-                state["seen"].add_(1)
+                self.edit(self.state[param])
         return out
+
+
+class NotesInState(EditsStateAfterStep):
+    """SGD with momentum that also keeps, per parameter, a None entry followed by a tensor
+    it changes at every step (as third-party optimizers do with optional state)."""
+
+    def edit(self, state: dict[str, Any]) -> None:
+        if "seen" not in state:
+            state["optional"] = None
+            state["seen"] = torch.zeros(())
+        state["seen"].add_(1)
 
 
 def test_exact_skip_restores_state_kept_after_an_empty_entry():
@@ -584,15 +593,11 @@ def test_exact_skip_restores_state_kept_after_an_empty_entry():
     assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (1, 0)
 
 
-class CountsInState(torch.optim.SGD):
+class CountsInState(EditsStateAfterStep):
     """Keeps a Python counter per parameter: not restorable without a host sync."""
 
-    def step(self, closure: Any = None) -> Any:
-        out = super().step(closure)
-        for group in self.param_groups:
-            for param in group["params"]:
-                self.state[param]["count"] = self.state[param].get("count", 0) + 1
-        return out
+    def edit(self, state: dict[str, Any]) -> None:
+        state["count"] = state.get("count", 0) + 1
 
 
 def test_exact_skip_counts_a_step_that_creates_python_state_as_zeroed():
@@ -607,16 +612,12 @@ def test_exact_skip_counts_a_step_that_creates_python_state_as_zeroed():
     assert (float(wrapper.skipped_steps), float(wrapper.zeroed_steps)) == (0, 1)
 
 
-class WidensState(torch.optim.SGD):
+class WidensState(EditsStateAfterStep):
     """Replaces a state tensor by one of another dtype (same shape) at every step."""
 
-    def step(self, closure: Any = None) -> Any:
-        out = super().step(closure)
-        for group in self.param_groups:
-            for param in group["params"]:
-                old = self.state[param].get("acc", torch.zeros(()))
-                self.state[param]["acc"] = (old.double() if old.dtype == torch.float32 else old.float()) + 1
-        return out
+    def edit(self, state: dict[str, Any]) -> None:
+        old = state.get("acc", torch.zeros(()))
+        state["acc"] = (old.double() if old.dtype == torch.float32 else old.float()) + 1
 
 
 def test_exact_skip_counts_a_step_that_changes_a_state_tensors_dtype_as_zeroed():
